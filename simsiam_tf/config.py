@@ -1,0 +1,171 @@
+"""The configuration schema: defaults shared by every recipe in configs/, and validation.
+
+Every recipe file in configs/ starts from `default_config()` and overrides what it changes.
+`validate` runs before any data is read, so a bad value fails in seconds with a message that
+names the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from simsiam_tf import data, model
+from simsiam_tf.errors import ConfigError
+
+PHOTOMETRIC = ("cpu", "device")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# Smallest input each backbone accepts (its total stride, so the last stage is at least 1x1).
+MIN_IMAGE_SIZE = {"cnn_small": 8, "resnet18_cifar": 8, "resnet18": 32, "resnet50": 32}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = dict(
+        backbone="resnet18_cifar",
+        width=32,  # base width of cnn_small only
+        zero_init_residual=True,
+        sync_bn=False,
+        proj_dim=2048,
+        proj_hidden=2048,
+        proj_layers=2,
+        pred_hidden=512,
+        pred_hidden_bn=True,
+        predictor="mlp",  # ablations: "identity", "fixed_random"
+        stop_gradient=True,  # ablation: False collapses (paper Figure 2)
+        symmetric=True,
+    )
+
+    c.data = dict(
+        source="builtin:digits",
+        max_examples=0,  # 0: every example; otherwise a seeded random subset
+        image_size=32,
+        photometric="cpu",  # "device": colour/blur run in the train step on the accelerator
+        threads=0,  # tf.data threads; 0: one per core
+        shuffle_buffer=10_000,  # streamed (TFDS) sources only; others are fully permuted
+        tfds_data_dir="",
+        tfds_download=True,
+        eval_crop_fraction=1.0,  # 1: resize; 0.875: resize to size/0.875 and centre-crop
+    )
+
+    # The CIFAR recipe (paper appendix D): MoCo v2 augmentations without blur.
+    c.aug = dict(
+        crop_scale=(0.2, 1.0),
+        crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+        flip_prob=0.5,
+        jitter_prob=0.8,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        grayscale_prob=0.2,
+        blur_prob=0.0,
+        blur_sigma=(0.1, 2.0),
+    )
+
+    c.optim = dict(
+        batch_size=512,  # global, over all replicas
+        base_lr=0.03,  # lr = base_lr x batch_size / 256
+        weight_decay=5e-4,
+        momentum=0.9,
+        epochs=800,
+        warmup_epochs=0.0,
+        fix_pred_lr=False,
+    )
+
+    c.train = dict(
+        steps_per_epoch=0,  # 0: one pass over the data; > 0: shorter epochs (smoke tests)
+        cpu_devices=0,  # > 1: split the CPU into this many logical devices (multi-replica anywhere)
+        precision="float32",
+        jit_compile=False,
+        keep_checkpoints=3,
+        verbose=1,  # Keras progress bar: 1 bar, 2 one line per epoch, 0 silent
+    )
+
+    c.eval = dict(
+        knn_every_epochs=10,  # 0: kNN only at the end
+        knn_k=200,
+        knn_t=0.1,
+        knn_batch=256,
+        bank_split="train",
+        query_split="test",
+        max_bank=0,  # 0: the whole bank split
+        max_queries=0,
+        random_init_knn=True,  # also score the network at initialisation, for comparison
+    )
+    return c
+
+
+def _fail(key, value, expected):
+    raise ConfigError(f"config.{key}={value!r} is invalid: {expected}")
+
+
+def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
+    """Raises ConfigError naming the first bad key. Reads no data."""
+    m, d, a, o, t, e = c.model, c.data, c.aug, c.optim, c.train, c.eval
+    if m.backbone not in model.BACKBONES:
+        _fail("model.backbone", m.backbone, f"choose one of {model.BACKBONES}")
+    if m.predictor not in model.PREDICTORS:
+        _fail("model.predictor", m.predictor, f"choose one of {model.PREDICTORS}")
+    for key in ("proj_dim", "proj_hidden", "proj_layers", "pred_hidden", "width"):
+        if m[key] < 1:
+            _fail(f"model.{key}", m[key], "must be a positive integer")
+    kind, arg = data.parse_source(d.source)
+    if kind == "folder" and not os.path.isdir(arg):
+        _fail("data.source", d.source, f"folder {arg} does not exist")
+    if d.photometric not in PHOTOMETRIC:
+        _fail("data.photometric", d.photometric, f"choose one of {PHOTOMETRIC}")
+    if d.image_size < MIN_IMAGE_SIZE[m.backbone]:
+        _fail(
+            "data.image_size",
+            d.image_size,
+            f"{m.backbone} needs images of at least {MIN_IMAGE_SIZE[m.backbone]} px",
+        )
+    if d.max_examples < 0:
+        _fail("data.max_examples", d.max_examples, "must be >= 0 (0: all)")
+    if not 0 < d.eval_crop_fraction <= 1:
+        _fail("data.eval_crop_fraction", d.eval_crop_fraction, "must be in (0, 1]")
+    lo, hi = a.crop_scale
+    if not 0 < lo <= hi <= 1:
+        _fail("aug.crop_scale", a.crop_scale, "needs 0 < min <= max <= 1")
+    if not 0 < a.crop_ratio[0] <= a.crop_ratio[1]:
+        _fail("aug.crop_ratio", a.crop_ratio, "needs 0 < min <= max")
+    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
+        if not 0 <= a[key] <= 1:
+            _fail(f"aug.{key}", a[key], "is a probability in [0, 1]")
+    for key in ("brightness", "contrast", "saturation"):
+        if a[key] < 0:
+            _fail(f"aug.{key}", a[key], "must be >= 0")
+    if not 0 <= a.hue <= 0.5:
+        _fail("aug.hue", a.hue, "must be in [0, 0.5] (torchvision ColorJitter)")
+    if not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
+        _fail("aug.blur_sigma", a.blur_sigma, "needs 0 < min <= max")
+    if o.batch_size < 1:
+        _fail("optim.batch_size", o.batch_size, "must be a positive integer")
+    if o.batch_size % num_replicas:
+        _fail(
+            "optim.batch_size",
+            o.batch_size,
+            f"the global batch must divide evenly over the {num_replicas} replicas",
+        )
+    if o.base_lr <= 0:
+        _fail("optim.base_lr", o.base_lr, "must be > 0")
+    if o.epochs < 1:
+        _fail("optim.epochs", o.epochs, "must be a positive integer")
+    if not 0 <= o.warmup_epochs < o.epochs:
+        _fail("optim.warmup_epochs", o.warmup_epochs, f"must be in [0, epochs={o.epochs})")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    if not 0 <= o.momentum < 1:
+        _fail("optim.momentum", o.momentum, "must be in [0, 1)")
+    if t.steps_per_epoch < 0:
+        _fail("train.steps_per_epoch", t.steps_per_epoch, "must be >= 0 (0: a full pass)")
+    if t.precision not in PRECISIONS:
+        _fail("train.precision", t.precision, f"choose one of {PRECISIONS}")
+    if e.knn_k < 1:
+        _fail("eval.knn_k", e.knn_k, "must be a positive integer")
+    if e.knn_t <= 0:
+        _fail("eval.knn_t", e.knn_t, "must be > 0")

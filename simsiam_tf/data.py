@@ -1,0 +1,435 @@
+"""Data sources and the tf.data pipelines: two augmented views for pretraining, plain images for
+evaluation.
+
+Sources, named by `data.source`:
+  builtin:digits   scikit-learn's handwritten digits (ships inside the package; no download)
+  folder:PATH      an image folder, class-per-subfolder or flat, JPEG/PNG/GIF/BMP; a `train` or
+                   `test` subfolder is used for that split when present
+  tfds:NAME        a TensorFlow Datasets builder (cifar10, imagenet2012, ...)
+
+Each image is read once per epoch and both views are cut from it, each with its own random
+draw (never one draw per batch). Every random number is keyed by (seed, epoch, batch or
+example), so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from simsiam_tf import augment
+from simsiam_tf.errors import ConfigError
+
+SOURCE_KINDS = ("builtin", "folder", "tfds")
+BUILTINS = ("digits",)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+# Sources whose decoded images take less than this are held in memory as one array.
+_IN_MEMORY_BYTES = 2 << 30
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass
+class Source:
+    """One split of a data set: in memory (`images`) or as encoded files/records (`dataset`)."""
+
+    name: str
+    num_examples: int
+    num_classes: int  # 0 when unlabelled
+    labels: np.ndarray  # int64 [num_examples], -1 when unlabelled
+    images: Optional[np.ndarray] = None  # uint8 NxHxWx3, all of one size
+    files: Optional[list] = None  # paths of encoded images
+    tfds_dataset: Optional[tf.data.Dataset] = None  # (encoded bytes, label) in a fixed order
+    class_names: tuple = ()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def encoded(self) -> tf.data.Dataset:
+        """(encoded image bytes, label) in the source's fixed order (files or TFDS)."""
+        if self.files is not None:
+            paths = tf.data.Dataset.from_tensor_slices(self.files)
+            labels = tf.data.Dataset.from_tensor_slices(self.labels)
+            return tf.data.Dataset.zip(paths.map(tf.io.read_file), labels)
+        return self.tfds_dataset
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    kind, sep, arg = spec.partition(":")
+    if not sep or kind not in SOURCE_KINDS or not arg:
+        raise ConfigError(
+            f"data.source={spec!r} is not understood; expected one of "
+            f"'builtin:{'|'.join(BUILTINS)}', 'folder:PATH', 'tfds:NAME'"
+        )
+    if kind == "builtin" and arg not in BUILTINS:
+        raise ConfigError(
+            f"data.source={spec!r}: unknown built-in data set; choose one of {BUILTINS}"
+        )
+    return kind, arg
+
+
+def load_source(
+    spec: str,
+    split: str = "train",
+    max_examples: int = 0,
+    seed: int = 0,
+    tfds_data_dir: Optional[str] = None,
+    tfds_download: bool = True,
+) -> Optional[Source]:
+    """Loads one split of the source named by `spec`; None when the source has no such split.
+
+    Args:
+      spec: "builtin:NAME", "folder:PATH" or "tfds:NAME".
+      split: "train" or "test" (TFDS accepts any split string, e.g. "train[:10%]").
+      max_examples: keep a seeded random subset of this many examples (0: all).
+      seed: seed of that subset.
+      tfds_data_dir, tfds_download: where TFDS keeps data, and whether it may download.
+    """
+    kind, arg = parse_source(spec)
+    if kind == "builtin":
+        source = _load_digits(split)
+    elif kind == "folder":
+        source = _load_folder(arg, split)
+    else:
+        source = _load_tfds(arg, split, tfds_data_dir, tfds_download)
+    if source is not None and 0 < max_examples < source.num_examples:
+        source = _subset(source, max_examples, seed)
+    return source
+
+
+def _subset(source: Source, n: int, seed: int) -> Source:
+    keep = np.sort(np.random.default_rng(seed).permutation(source.num_examples)[:n])
+    if source.tfds_dataset is not None:
+        return dataclasses.replace(
+            source,
+            num_examples=n,
+            tfds_dataset=source.tfds_dataset.take(n),
+            labels=source.labels[:n],
+        )
+    return dataclasses.replace(
+        source,
+        num_examples=n,
+        labels=source.labels[keep],
+        images=None if source.images is None else source.images[keep],
+        files=None if source.files is None else [source.files[i] for i in keep],
+    )
+
+
+def _load_digits(split: str) -> Optional[Source]:
+    """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels) as uint8 RGB.
+
+    A fixed stratified 75/25 split gives `train` (1,347) and `test` (450).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        return None
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # Nx8x8
+    images = np.repeat(images[..., None], 3, axis=-1)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(images)), test_size=0.25, random_state=0, stratify=digits.target
+    )
+    idx = idx_train if split == "train" else idx_test
+    return Source(
+        name=f"builtin:digits/{split}",
+        num_examples=len(idx),
+        num_classes=10,
+        labels=digits.target[idx].astype(np.int64),
+        images=images[idx],
+        class_names=tuple(str(i) for i in range(10)),
+    )
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_folder(root: str) -> tuple[list, np.ndarray, tuple]:
+    """Image files under root: (paths, labels, class names), sorted.
+
+    Class-per-subfolder when root's subfolders hold images (any depth below each); otherwise
+    flat: every image under root, unlabelled (-1).
+    """
+    if not os.path.isdir(root):
+        raise ConfigError(f"data.source=folder:{root}: no such directory")
+    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    paths, labels, classes = [], [], []
+    for sub in subdirs:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, sub)):
+            dirnames.sort()
+            found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        if found:
+            labels += [len(classes)] * len(found)
+            classes.append(sub)
+            paths += found
+    loose = sorted(os.path.join(root, f) for f in os.listdir(root) if _is_image(f))
+    if classes and loose:
+        logging.warning(
+            "folder:%s has class subfolders and %d loose images; the loose ones are ignored",
+            root,
+            len(loose),
+        )
+    if not classes:
+        paths, labels = loose, [-1] * len(loose)
+    if not paths:
+        raise ConfigError(
+            f"data.source=folder:{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}"
+            " files, in class subfolders or at the top level)"
+        )
+    return paths, np.asarray(labels, np.int64), tuple(classes)
+
+
+def _load_folder(root: str, split: str) -> Optional[Source]:
+    if not os.path.isdir(root):
+        raise ConfigError(f"data.source=folder:{root}: no such directory")
+    if os.path.isdir(os.path.join(root, split)):
+        root = os.path.join(root, split)
+    elif split != "train":
+        return None  # the folder itself is the training split; it has no other
+    paths, labels, classes = list_image_folder(root)
+    return Source(
+        name=f"folder:{root}",
+        num_examples=len(paths),
+        num_classes=len(classes),
+        labels=labels,
+        files=paths,
+        class_names=classes,
+    )
+
+
+def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Optional[Source]:
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+        builder.download_and_prepare()
+    elif not builder.is_prepared():
+        raise ConfigError(
+            f"data.source=tfds:{name}: not prepared under {builder.data_dir} and "
+            "data.tfds_download is False; prepare it or allow the download"
+        )
+    info = builder.info
+    if split not in info.splits and split.split("[")[0] not in info.splits:
+        return None
+    image_key = next(k for k, f in info.features.items() if isinstance(f, tfds.features.Image))
+    label_key = next(
+        (k for k, f in info.features.items() if isinstance(f, tfds.features.ClassLabel)), None
+    )
+    num_classes = info.features[label_key].num_classes if label_key else 0
+    num_examples = info.splits[split].num_examples
+    shape = info.features[image_key].shape
+    fixed = None not in shape
+    if fixed and num_examples * int(np.prod(shape)) < _IN_MEMORY_BYTES:
+        # Small data sets of one image size (CIFAR, ...) are decoded once into memory.
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+        images, labels = [], []
+        for batch in ds.batch(4096).as_numpy_iterator():
+            images.append(batch[image_key])
+            labels.append(batch[label_key] if label_key else np.full(len(batch[image_key]), -1))
+        images = np.concatenate(images)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
+        return Source(
+            name=f"tfds:{name}/{split}",
+            num_examples=len(images),
+            num_classes=num_classes,
+            labels=np.concatenate(labels).astype(np.int64),
+            images=images,
+        )
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
+    if label_key:
+        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
+    else:
+        ds = ds.map(lambda ex: (ex[image_key], tf.constant(-1, tf.int64)))
+    # Labels of a streamed source are not gathered up front; evaluation reads them from the data.
+    return Source(
+        name=f"tfds:{name}/{split}",
+        num_examples=num_examples,
+        num_classes=num_classes,
+        labels=np.full(num_examples, -1, np.int64),
+        tfds_dataset=ds,
+    )
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 HxWx3 (grayscale, RGBA and palette made RGB)."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape((None, None, 3))
+    return image
+
+
+# ------------------------------------------------------------------------------------------------
+# Pretraining: batches of two views.
+
+
+def _options(threads: int) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads:
+        options.threading.private_threadpool_size = threads
+    return options
+
+
+def pretrain_dataset(
+    source: Source,
+    data_config,
+    aug_config,
+    global_batch: int,
+    seed: int,
+    start_epoch: int = 0,
+    num_epochs: Optional[int] = None,
+    steps_per_epoch: int = 0,
+) -> tf.data.Dataset:
+    """Global batches {"view1", "view2"} of uint8 views, epoch after epoch, from `start_epoch`.
+
+    Each epoch is a fresh seeded permutation cut into `num_examples // global_batch` full batches
+    (the remainder is dropped), or `steps_per_epoch` of them when that is smaller. With `data_config.photometric == "device"` the views are only
+    cropped and flipped here and the batches also carry "params1"/"params2", the per-image
+    photometric parameters that the train step applies on the accelerator.
+    """
+    steps = source.num_examples // global_batch
+    if steps == 0:
+        raise ConfigError(
+            f"{source.name} has {source.num_examples} examples, fewer than one global batch "
+            f"of {global_batch}"
+        )
+    if steps_per_epoch:
+        steps = min(steps, steps_per_epoch)
+    size = data_config.image_size
+    on_device = data_config.photometric == "device"
+    base_seed = tf.constant([seed, 0x5157], tf.int64)
+
+    def finish_batch(epoch, step, v1, v2):
+        s1 = augment.fold_seed(base_seed, epoch, step, 1)
+        s2 = augment.fold_seed(base_seed, epoch, step, 2)
+        p1 = augment.sample_photometric(s1, global_batch, aug_config)
+        p2 = augment.sample_photometric(s2, global_batch, aug_config)
+        if on_device:
+            return {"view1": v1, "view2": v2, "params1": p1, "params2": p2}
+        to_uint8 = lambda x: tf.cast(tf.round(x * 255.0), tf.uint8)
+        return {
+            "view1": to_uint8(augment.apply_photometric(v1, p1, aug_config)),
+            "view2": to_uint8(augment.apply_photometric(v2, p2, aug_config)),
+        }
+
+    def crop_pair(image, seed_):
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        y, x, ch, cw = augment.sample_crop_windows(
+            seed_, h, w, 2, aug_config.crop_scale, aug_config.crop_ratio
+        )
+        flips = augment.sample_flips(augment.fold_seed(seed_, 7), 2, aug_config.flip_prob)
+        views = [
+            augment.crop_resize_flip(image, (y[i], x[i], ch[i], cw[i]), flips[i], size)
+            for i in range(2)
+        ]
+        return views[0], views[1]
+
+    if source.in_memory:
+        images = tf.constant(source.images)
+        height, width = source.images.shape[1:3]
+
+        def epoch_dataset(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(source.num_examples), augment.fold_seed(base_seed, epoch)
+            )
+            batches = tf.reshape(order[: steps * global_batch], (steps, global_batch))
+
+            def make(step, idx):
+                batch = tf.gather(images, idx)
+                views = []
+                for v in (1, 2):
+                    s = augment.fold_seed(base_seed, epoch, step, v, 3)
+                    win = augment.sample_crop_windows(
+                        s, height, width, global_batch, aug_config.crop_scale, aug_config.crop_ratio
+                    )
+                    flips = augment.sample_flips(
+                        augment.fold_seed(s, 7), global_batch, aug_config.flip_prob
+                    )
+                    views.append(augment.batch_crop_resize_flip(batch, win, flips, size))
+                return finish_batch(epoch, step, views[0], views[1])
+
+            return (
+                tf.data.Dataset.from_tensor_slices(batches)
+                .enumerate()
+                .map(make, num_parallel_calls=AUTOTUNE)
+            )
+
+    else:
+        encoded = source.encoded()
+
+        def epoch_dataset(epoch):
+            ds = encoded
+            if source.files is not None:
+                order = tf.random.experimental.stateless_shuffle(
+                    tf.range(source.num_examples), augment.fold_seed(base_seed, epoch)
+                )
+                files = tf.constant(source.files)
+                ds = tf.data.Dataset.from_tensor_slices(order).map(
+                    lambda i: (tf.io.read_file(tf.gather(files, i)), i)
+                )
+            else:
+                # A streamed source is shuffled through a buffer: seeded, reshuffled each epoch.
+                ds = ds.shuffle(min(source.num_examples, data_config.shuffle_buffer), seed=seed)
+            ds = ds.enumerate().map(
+                lambda i, ex: crop_pair(decode_rgb(ex[0]), augment.fold_seed(base_seed, epoch, i)),
+                num_parallel_calls=AUTOTUNE,
+            )
+            ds = ds.batch(global_batch, drop_remainder=True).take(steps)
+            return ds.enumerate().map(
+                lambda step, views: finish_batch(epoch, step, *views), num_parallel_calls=AUTOTUNE
+            )
+
+    epochs = tf.data.Dataset.range(start_epoch, start_epoch + num_epochs if num_epochs else 2**62)
+    ds = epochs.flat_map(epoch_dataset)
+    return ds.prefetch(AUTOTUNE).with_options(_options(data_config.threads))
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: plain images and labels.
+
+
+def eval_preprocess(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+    """uint8 [N]xHxWx3 -> float [N]x size x size x 3 in [0, 1], as at evaluation time.
+
+    crop_fraction 1.0: resize to size x size (small images such as CIFAR); < 1: resize the
+    shorter side to size / crop_fraction and take the centre (ImageNet: 224 / 0.875 = 256).
+    """
+    image = tf.cast(image, tf.float32) / 255.0
+    if crop_fraction >= 1.0:
+        return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
+    scale = (size / crop_fraction) / tf.reduce_min(shape)
+    new = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(image, new, method="bilinear", antialias=True)
+    top = (new[0] - size) // 2
+    left = (new[1] - size) // 2
+    return image[..., top : top + size, left : left + size, :]
+
+
+def eval_dataset(
+    source: Source, size: int, batch: int, crop_fraction: float = 1.0, threads: int = 0
+):
+    """Batches (images float [0, 1], labels) in the source's order, the last batch partial."""
+    if source.in_memory:
+        ds = tf.data.Dataset.from_tensor_slices((source.images, source.labels)).batch(batch)
+        ds = ds.map(
+            lambda x, y: (eval_preprocess(x, size, crop_fraction), y),
+            num_parallel_calls=AUTOTUNE,
+        )
+    else:
+        ds = source.encoded().map(
+            lambda x, y: (eval_preprocess(decode_rgb(x), size, crop_fraction), y),
+            num_parallel_calls=AUTOTUNE,
+        )
+        ds = ds.batch(batch)
+    return ds.prefetch(AUTOTUNE).with_options(_options(threads))

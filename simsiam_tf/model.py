@@ -1,0 +1,318 @@
+"""SimSiam: backbone + projection MLP (the encoder f) and the prediction MLP h.
+
+Architecture as the paper (section 3 and appendix A/D) and the official code
+(facebookresearch/simsiam, simsiam/builder.py):
+
+  projector:  [Dense(no bias) -> BN -> ReLU] x (layers - 1) -> Dense(no bias) -> BN(no affine)
+  predictor:  Dense(2048 -> 512, no bias) -> BN -> ReLU -> Dense(512 -> 2048)   (bottleneck)
+
+Images enter every backbone as float RGB in [0, 1]; the mean/std normalisation is the
+backbone's first layer, so training, evaluation and the exported SavedModel share it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from simsiam_tf import losses
+
+BACKBONES = ("resnet18_cifar", "resnet18", "resnet50", "cnn_small")
+PREDICTORS = ("mlp", "identity", "fixed_random")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# PyTorch's defaults, so that the recipe's hyper-parameters mean the same thing here:
+# BN momentum 0.1 (Keras counts the other way: 0.9), eps 1e-5; conv weights
+# kaiming_normal(fan_out) as torchvision's ResNet; Dense weights and biases U(+-1/sqrt(fan_in)).
+_BN = dict(momentum=0.9, epsilon=1e-5)
+_CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+_DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _bn(sync: bool, name: str, zero_gamma: bool = False, affine: bool = True):
+    return keras.layers.BatchNormalization(
+        synchronized=sync,
+        gamma_initializer="zeros" if zero_gamma else "ones",
+        center=affine,
+        scale=affine,
+        name=name,
+        **_BN,
+    )
+
+
+def _conv(filters: int, kernel: int, stride: int, name: str):
+    return keras.layers.Conv2D(
+        filters,
+        kernel,
+        strides=stride,
+        padding="same",
+        use_bias=False,
+        kernel_initializer=_CONV_INIT,
+        name=name,
+    )
+
+
+def _basic_block(x, filters, stride, sync, zero_init, name):
+    shortcut = x
+    y = _conv(filters, 3, stride, f"{name}_conv1")(x)
+    y = keras.layers.ReLU()(_bn(sync, f"{name}_bn1")(y))
+    y = _conv(filters, 3, 1, f"{name}_conv2")(y)
+    # Zero-init of the last BN gamma: each block starts as the identity (Goyal et al. 2017),
+    # as the official code's `zero_init_residual=True`.
+    y = _bn(sync, f"{name}_bn2", zero_gamma=zero_init)(y)
+    if stride != 1 or x.shape[-1] != filters:
+        shortcut = _bn(sync, f"{name}_down_bn")(_conv(filters, 1, stride, f"{name}_down")(x))
+    return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+
+
+def _bottleneck_block(x, filters, stride, sync, zero_init, name):
+    shortcut = x
+    y = keras.layers.ReLU()(_bn(sync, f"{name}_bn1")(_conv(filters, 1, 1, f"{name}_conv1")(x)))
+    # Stride on the 3x3 conv (ResNet v1.5, torchvision's resnet50).
+    y = keras.layers.ReLU()(_bn(sync, f"{name}_bn2")(_conv(filters, 3, stride, f"{name}_conv2")(y)))
+    y = _bn(sync, f"{name}_bn3", zero_gamma=zero_init)(_conv(4 * filters, 1, 1, f"{name}_conv3")(y))
+    if stride != 1 or x.shape[-1] != 4 * filters:
+        shortcut = _bn(sync, f"{name}_down_bn")(_conv(4 * filters, 1, stride, f"{name}_down")(x))
+    return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+
+
+def _resnet(x, block, depths: Sequence[int], cifar_stem: bool, sync, zero_init):
+    if cifar_stem:
+        # Appendix D: CIFAR variant, 3x3 stride-1 stem and no max-pool.
+        x = keras.layers.ReLU()(_bn(sync, "stem_bn")(_conv(64, 3, 1, "stem_conv")(x)))
+    else:
+        x = keras.layers.ReLU()(_bn(sync, "stem_bn")(_conv(64, 7, 2, "stem_conv")(x)))
+        x = keras.layers.MaxPool2D(3, 2, padding="same")(x)
+    for stage, (depth, filters) in enumerate(zip(depths, (64, 128, 256, 512))):
+        for i in range(depth):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            x = block(x, filters, stride, sync, zero_init, f"stage{stage + 1}_block{i + 1}")
+    return x
+
+
+def _cnn_small(x, sync, width: int = 32):
+    """A 6-conv plain CNN for CPU tests and the quickstart (not a paper architecture)."""
+    for i, (mult, stride) in enumerate(((1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2))):
+        x = _conv(width * mult, 3, stride, f"conv{i + 1}")(x)
+        x = keras.layers.ReLU()(_bn(sync, f"bn{i + 1}")(x))
+    return x
+
+
+def build_backbone(
+    name: str,
+    zero_init_residual: bool = True,
+    sync_bn: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    width: int = 32,
+) -> keras.Model:
+    """A backbone mapping float RGB images in [0, 1], NxHxWx3, to pooled features NxC.
+
+    Args:
+      name: one of BACKBONES.
+      zero_init_residual: zero the last BN gamma of every residual block (official default).
+      sync_bn: cross-replica BatchNorm (`synchronized=True`).
+      mean, std: per-channel normalisation applied as the first layer.
+      width: base width of `cnn_small`.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"model.backbone={name!r} is not known; choose one of {BACKBONES}")
+    inputs = keras.Input((None, None, 3), name="images")
+    x = keras.layers.Normalization(
+        mean=list(mean), variance=[s * s for s in std], name="normalize"
+    )(inputs)
+    if name == "resnet18_cifar":
+        x = _resnet(x, _basic_block, (2, 2, 2, 2), True, sync_bn, zero_init_residual)
+    elif name == "resnet18":
+        x = _resnet(x, _basic_block, (2, 2, 2, 2), False, sync_bn, zero_init_residual)
+    elif name == "resnet50":
+        x = _resnet(x, _bottleneck_block, (3, 4, 6, 3), False, sync_bn, zero_init_residual)
+    else:
+        x = _cnn_small(x, sync_bn, width)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, x, name="backbone")
+
+
+def _dense(units: int, name: str):
+    """Dense without bias: every such layer is followed by BN, whose shift makes a bias moot."""
+    return keras.layers.Dense(units, use_bias=False, kernel_initializer=_DENSE_INIT, name=name)
+
+
+def build_projector(
+    in_dim: int, dim: int = 2048, hidden: int = 2048, num_layers: int = 3, sync_bn: bool = False
+) -> keras.Model:
+    """Projection MLP. Paper: 3 layers for ImageNet, 2 for CIFAR; output BN has no affine."""
+    if num_layers < 1:
+        raise ValueError(f"model.proj_layers must be >= 1, got {num_layers}")
+    inputs = keras.Input((in_dim,), name="features")
+    x = inputs
+    for i in range(num_layers - 1):
+        x = _dense(hidden, f"fc{i + 1}")(x)
+        x = keras.layers.ReLU()(_bn(sync_bn, f"bn{i + 1}")(x))
+    # No bias before BN: BN's own shift makes it redundant (the official code freezes it).
+    x = _dense(dim, f"fc{num_layers}")(x)
+    x = _bn(sync_bn, f"bn{num_layers}", affine=False)(x)
+    return keras.Model(inputs, x, name="projector")
+
+
+def build_predictor(
+    dim: int = 2048,
+    hidden: int = 512,
+    kind: str = "mlp",
+    hidden_bn: bool = True,
+    sync_bn: bool = False,
+) -> keras.Model:
+    """Prediction MLP h: a bottleneck dim -> hidden -> dim (paper section 4.4, Table 1).
+
+    kind: "mlp" (the paper), "identity" (ablation: collapses) or "fixed_random" (ablation: does
+    not train; a random h fixed at initialisation).
+    """
+    if kind not in PREDICTORS:
+        raise ValueError(f"model.predictor={kind!r} is not known; choose one of {PREDICTORS}")
+    inputs = keras.Input((dim,), name="z")
+    if kind == "identity":
+        return keras.Model(inputs, keras.layers.Identity()(inputs), name="predictor")
+    x = _dense(hidden, "fc1")(inputs)
+    if hidden_bn:
+        x = _bn(sync_bn, "bn1")(x)
+    x = keras.layers.ReLU()(x)
+    # The output layer has a bias and no BN (paper section 4.4; official builder.py).
+    x = keras.layers.Dense(
+        dim,
+        kernel_initializer=_DENSE_INIT,
+        bias_initializer=keras.initializers.RandomUniform(
+            -1.0 / math.sqrt(hidden), 1.0 / math.sqrt(hidden)
+        ),
+        name="fc2",
+    )(x)
+    model = keras.Model(inputs, x, name="predictor")
+    if kind == "fixed_random":
+        model.trainable = False
+    return model
+
+
+class SimSiam(keras.Model):
+    """The SimSiam network with its own `train_step`.
+
+    `fit` takes batches `{"view1": x1, "view2": x2}` of float images in [0, 1], or, when an
+    `augmenter` is given (photometric augmentation on the device), batches that also carry
+    `"params1"`/`"params2"`, the per-image augmentation parameters drawn on the CPU.
+
+    Calling the model returns the backbone embedding, the representation that is evaluated
+    and exported.
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        projector: keras.Model,
+        predictor: keras.Model,
+        stop_gradient: bool = True,
+        symmetric: bool = True,
+        augmenter: keras.layers.Layer | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.projector = projector
+        self.predictor = predictor
+        self.stop_gradient = stop_gradient
+        self.symmetric = symmetric
+        self.augmenter = augmenter
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.z_std_tracker = keras.metrics.Mean(name="z_std")
+        self.p_std_tracker = keras.metrics.Mean(name="p_std")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.z_std_tracker, self.p_std_tracker]
+
+    @property
+    def proj_dim(self) -> int:
+        return int(self.projector.output.shape[-1])
+
+    def call(self, images, training=False):
+        return self.backbone(images, training=training)
+
+    def forward_views(self, x1, x2, training=True):
+        """z and p of both views. Each view is its own forward pass, so BN statistics are
+        computed per view, as the official code does."""
+        z1 = self.projector(self.backbone(x1, training=training), training=training)  # NxC
+        z2 = self.projector(self.backbone(x2, training=training), training=training)  # NxC
+        p1 = self.predictor(z1, training=training)  # NxC
+        p2 = self.predictor(z2, training=training)  # NxC
+        return z1, z2, p1, p2
+
+    def _views(self, data):
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x1, x2 = data["view1"], data["view2"]
+        if x1.dtype == tf.uint8:  # views travel as uint8 (4x less to copy); the net takes [0, 1]
+            x1 = tf.cast(x1, tf.float32) / 255.0
+            x2 = tf.cast(x2, tf.float32) / 255.0
+        if self.augmenter is not None:
+            x1 = self.augmenter.apply(x1, data["params1"])
+            x2 = self.augmenter.apply(x2, data["params2"])
+        return x1, x2
+
+    def compute_simsiam_loss(self, data, training=True):
+        x1, x2 = self._views(data)
+        z1, z2, p1, p2 = self.forward_views(x1, x2, training=training)
+        loss = losses.simsiam_loss(p1, p2, z1, z2, self.stop_gradient, self.symmetric)
+        return loss, z1, p1
+
+    def train_step(self, data):
+        with tf.GradientTape() as tape:
+            loss, z1, p1 = self.compute_simsiam_loss(data, training=True)
+            # Gradients are summed over replicas by the optimizer, so each replica contributes
+            # its mean loss / N: N replicas then make the update of one replica on the global
+            # batch.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(loss / replicas)
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        self.loss_tracker.update_state(loss)
+        self.z_std_tracker.update_state(losses.channel_std(z1))
+        self.p_std_tracker.update_state(losses.channel_std(p1))
+        logs = {m.name: m.result() for m in self.metrics}
+        logs["lr"] = self.optimizer.learning_rate
+        return logs
+
+    def test_step(self, data):
+        loss, z1, p1 = self.compute_simsiam_loss(data, training=False)
+        self.loss_tracker.update_state(loss)
+        self.z_std_tracker.update_state(losses.channel_std(z1))
+        self.p_std_tracker.update_state(losses.channel_std(p1))
+        return {m.name: m.result() for m in self.metrics}
+
+
+def build_simsiam(model_config, augmenter=None) -> SimSiam:
+    """Builds SimSiam from the `model` section of a config (see configs/)."""
+    c = model_config
+    backbone = build_backbone(
+        c.backbone,
+        zero_init_residual=c.zero_init_residual,
+        sync_bn=c.sync_bn,
+        width=c.get("width", 32),
+    )
+    feat_dim = int(backbone.output.shape[-1])
+    projector = build_projector(
+        feat_dim, c.proj_dim, c.proj_hidden, c.proj_layers, sync_bn=c.sync_bn
+    )
+    predictor = build_predictor(
+        c.proj_dim, c.pred_hidden, c.predictor, c.pred_hidden_bn, sync_bn=c.sync_bn
+    )
+    model = SimSiam(
+        backbone,
+        projector,
+        predictor,
+        stop_gradient=c.stop_gradient,
+        symmetric=c.symmetric,
+        augmenter=augmenter,
+        name="simsiam",
+    )
+    return model

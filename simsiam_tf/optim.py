@@ -1,0 +1,148 @@
+"""Optimisation as the paper (section 4 "Optimizer"; official main_simsiam.py).
+
+lr = base_lr x global_batch / 256, cosine decay, SGD momentum 0.9, weight decay;
+`fix_pred_lr`: the predictor keeps the initial lr (paper section 4.4 note; `--fix-pred-lr`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import keras
+import tensorflow as tf
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """The linear scaling rule the paper uses: lr = base_lr x batch / 256."""
+    return base_lr * global_batch / 256.0
+
+
+@keras.saving.register_keras_serializable("simsiam_tf")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+
+    Evaluated per step (the official code steps the cosine once per epoch; per step is smoother
+    and reaches the same end points).
+    """
+
+    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0):
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        if not 0 <= warmup_steps < total_steps:
+            raise ValueError(
+                f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}"
+            )
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = self.peak_lr * step / max(self.warmup_steps, 1)
+        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        progress = tf.clip_by_value(progress, 0.0, 1.0)
+        cosine = 0.5 * self.peak_lr * (1.0 + tf.cos(math.pi * progress))
+        return tf.where(step < self.warmup_steps, warm, cosine)
+
+    def get_config(self):
+        return dict(
+            peak_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps
+        )
+
+
+@keras.saving.register_keras_serializable("simsiam_tf")
+class TorchSGD(keras.optimizers.Optimizer):
+    """SGD with momentum and L2 weight decay exactly as `torch.optim.SGD`, which the paper used.
+
+        g <- g + wd * w;   buf <- momentum * buf + g;   w <- w - lr * buf
+
+    This differs from `keras.optimizers.SGD` in two ways that matter for reproducing the recipe:
+    Keras folds lr into the momentum buffer (so a changing lr acts differently), and its
+    `weight_decay` is decoupled from the gradient. Decay applies to every trainable variable,
+    BN and biases included, as in the official code.
+
+    Variables passed to `set_fixed_lr_variables` are updated with the constant `fixed_lr`
+    instead of the schedule (the official `--fix-pred-lr`).
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.05,
+        momentum: float = 0.9,
+        l2_weight_decay: float = 0.0,
+        fixed_lr: float | None = None,
+        name: str = "torch_sgd",
+        **kwargs,
+    ):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if l2_weight_decay < 0:
+            raise ValueError(f"l2_weight_decay must be >= 0, got {l2_weight_decay}")
+        self.momentum = momentum
+        self.l2_weight_decay = l2_weight_decay
+        self.fixed_lr = fixed_lr
+        self._fixed_lr_keys: set = set()
+        self._fixed_lr_indices: frozenset = frozenset()
+
+    def set_fixed_lr_variables(self, variables: Iterable) -> None:
+        """Marks variables (the predictor's) to be updated with `fixed_lr`. Call before build."""
+        if self.built:
+            raise RuntimeError("set_fixed_lr_variables must be called before the optimizer builds")
+        if self.fixed_lr is None:
+            raise ValueError("set_fixed_lr_variables needs fixed_lr to be set")
+        self._fixed_lr_keys = {self._var_key(v) for v in variables}
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = [self.add_variable_from_reference(v, "momentum") for v in variables]
+        self._fixed_lr_indices = frozenset(
+            i for i, v in enumerate(variables) if self._var_key(v) in self._fixed_lr_keys
+        )
+
+    def uses_fixed_lr(self, variable) -> bool:
+        return self._get_variable_index(variable) in self._fixed_lr_indices
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        if self.uses_fixed_lr(variable):
+            learning_rate = self.fixed_lr
+        lr = tf.cast(learning_rate, dtype)
+        gradient = tf.cast(gradient, dtype)
+        if self.l2_weight_decay:
+            gradient = gradient + tf.cast(self.l2_weight_decay, dtype) * variable
+        buf = self.momentums[self._get_variable_index(variable)]
+        self.assign(buf, tf.cast(self.momentum, dtype) * buf + gradient)
+        self.assign_sub(variable, lr * buf)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            momentum=self.momentum,
+            l2_weight_decay=self.l2_weight_decay,
+            fixed_lr=self.fixed_lr,
+        )
+        return config
+
+
+def build_optimizer(optim_config, global_batch: int, steps_per_epoch: int, predictor_vars=()):
+    """The optimizer of the `optim` section of a config, with the scaled, scheduled lr."""
+    c = optim_config
+    peak = scaled_lr(c.base_lr, global_batch)
+    schedule = WarmupCosine(
+        peak,
+        total_steps=c.epochs * steps_per_epoch,
+        warmup_steps=int(c.warmup_epochs * steps_per_epoch),
+    )
+    opt = TorchSGD(
+        learning_rate=schedule,
+        momentum=c.momentum,
+        l2_weight_decay=c.weight_decay,
+        fixed_lr=peak if c.fix_pred_lr else None,
+    )
+    if c.fix_pred_lr:
+        opt.set_fixed_lr_variables(predictor_vars)
+    return opt

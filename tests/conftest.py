@@ -1,0 +1,71 @@
+"""Test set-up: TensorFlow quiet, the CPU split into 2 logical devices (so MirroredStrategy runs
+with 2 replicas anywhere), and fixtures for real image data."""
+
+import os
+import sys
+import tarfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+_cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    _cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+)
+
+CIFAR_TAR = os.environ.get(
+    "SIMSIAM_CIFAR10_TAR", os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+)
+
+
+@pytest.fixture(scope="session")
+def cifar10_folder(tmp_path_factory):
+    """A class-per-subfolder CIFAR-10 JPEG folder with train/ (40 per class) and test/ (10 per
+    class), unpacked from ../shared/data; skips where the archive is absent."""
+    if not os.path.exists(CIFAR_TAR):
+        pytest.skip(f"real CIFAR-10 JPEGs not found at {CIFAR_TAR}")
+    root = tmp_path_factory.mktemp("cifar10")
+    want = {"train": 40, "test": 10}
+    counts = {}
+    with tarfile.open(CIFAR_TAR, "r:gz") as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.lower().endswith(".jpg"):
+                continue
+            parts = member.name.split("/")
+            split = next((p for p in parts if p in want), None)
+            if split is None:
+                continue
+            cls = parts[parts.index(split) + 1]
+            key = (split, cls)
+            if counts.get(key, 0) >= want[split]:
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            dest = root / split / cls / os.path.basename(member.name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tar.extractfile(member).read())
+            if len(counts) == 20 and all(counts[k] >= want[k[0]] for k in counts):
+                break
+    return str(root)
+
+
+def write_images(folder, n, size=(24, 20), mode="RGB", ext=".png", seed=0):
+    """n small real-format image files (PIL) of smooth random colour blobs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        base = rng.integers(0, 255, (4, 4, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize(size, Image.BILINEAR).convert(mode)
+        path = os.path.join(folder, f"img{i:03d}{ext}")
+        img.save(path)
+        paths.append(path)
+    return paths

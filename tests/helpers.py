@@ -1,0 +1,45 @@
+"""Small builders shared by tests."""
+
+import keras
+import numpy as np
+
+from simsiam_tf import model
+from simsiam_tf.config import default_config
+
+
+def tiny_config(**model_overrides):
+    c = default_config()
+    c.model.backbone = "cnn_small"
+    c.model.width = 4
+    c.model.proj_dim = 32
+    c.model.proj_hidden = 32
+    c.model.pred_hidden = 8
+    for k, v in model_overrides.items():
+        c.model[k] = v
+    return c
+
+
+def bn_free_simsiam(dim=16, seed=0, **kwargs):
+    """SimSiam whose parts have no BatchNorm, so its update does not depend on how the batch is
+    split over replicas."""
+    keras.utils.set_random_seed(seed)
+    backbone = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(24, activation="relu")],
+        name="backbone",
+    )
+    projector = keras.Sequential(
+        [keras.Input((24,)), keras.layers.Dense(dim, use_bias=False)], name="projector"
+    )
+    predictor = keras.Sequential(
+        [keras.Input((dim,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(dim)],
+        name="predictor",
+    )
+    return model.SimSiam(backbone, projector, predictor, **kwargs)
+
+
+def random_views(n=16, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "view1": rng.uniform(0, 1, (n, size, size, 3)).astype(np.float32),
+        "view2": rng.uniform(0, 1, (n, size, size, 3)).astype(np.float32),
+    }

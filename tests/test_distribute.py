@@ -1,0 +1,54 @@
+"""Multi-replica training on 2 logical CPU devices (conftest splits the CPU)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import config as config_lib
+from simsiam_tf import distribute, optim
+from simsiam_tf.config import default_config
+from tests.helpers import bn_free_simsiam, random_views
+
+
+def _train_one_step(strategy, data, steps=2):
+    c = default_config()
+    c.optim.weight_decay = 1e-2
+    c.optim.fix_pred_lr = True
+    c.optim.epochs = 1
+    with strategy.scope():
+        net = bn_free_simsiam(seed=3)
+        net(data["view1"][:1])
+        opt = optim.build_optimizer(c.optim, 32, 10, net.predictor.trainable_variables)
+        net.compile(optimizer=opt)
+    ds = tf.data.Dataset.from_tensors(data).repeat(steps)
+    history = net.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
+    return [v.numpy() for v in net.trainable_variables], history.history["loss"][-1]
+
+
+def test_two_replicas_make_the_same_update_as_one_on_the_global_batch():
+    data = random_views(n=32)
+    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert two.num_replicas_in_sync == 2
+    w2, loss2 = _train_one_step(two, data)
+    w1, loss1 = _train_one_step(tf.distribute.get_strategy(), data)
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert loss1 == pytest.approx(loss2, abs=1e-5)
+    # And the step did move the weights (the comparison is not of two no-ops).
+    w0, _ = _train_one_step(tf.distribute.get_strategy(), data, steps=1)
+    assert max(np.abs(a - b).max() for a, b in zip(w0, w1)) > 1e-4
+
+
+def test_make_strategy_uses_logical_cpu_devices():
+    strategy = distribute.make_strategy(cpu_devices=2)
+    assert strategy.num_replicas_in_sync == 2
+    assert distribute.make_strategy(cpu_devices=0).num_replicas_in_sync == 1
+
+
+def test_global_batch_must_divide_over_replicas():
+    c = default_config()
+    c.optim.batch_size = 15
+    with pytest.raises(ValueError, match=r"optim.batch_size=15.*2 replicas"):
+        config_lib.validate(c, num_replicas=2)
+    c.optim.batch_size = 16
+    config_lib.validate(c, num_replicas=2)

@@ -1,0 +1,113 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import model
+from tests.helpers import tiny_config
+
+
+@pytest.mark.parametrize(
+    "name,size,dim", [("resnet18_cifar", 32, 512), ("resnet50", 64, 2048), ("cnn_small", 16, 256)]
+)
+def test_backbone_output_dims(name, size, dim):
+    net = model.build_backbone(name)
+    out = net(tf.zeros((2, size, size, 3)))
+    assert out.shape == (2, dim)
+
+
+def test_resnet18_cifar_stem_keeps_resolution_and_has_no_maxpool():
+    net = model.build_backbone("resnet18_cifar")
+    assert not any(isinstance(layer, keras.layers.MaxPool2D) for layer in net.layers)
+    stem = net.get_layer("stem_conv")
+    assert stem.kernel_size == (3, 3) and stem.strides == (1, 1)
+    resnet18 = model.build_backbone("resnet18")
+    assert any(isinstance(layer, keras.layers.MaxPool2D) for layer in resnet18.layers)
+
+
+def test_zero_init_residual_zeroes_last_bn_gamma_of_every_block():
+    net = model.build_backbone("resnet18_cifar", zero_init_residual=True)
+    last_bns = [layer for layer in net.layers if layer.name.endswith("_bn2")]
+    assert len(last_bns) == 8
+    assert all(np.all(layer.gamma.numpy() == 0) for layer in last_bns)
+    assert np.all(net.get_layer("stage1_block1_bn1").gamma.numpy() == 1)
+    net = model.build_backbone("resnet18_cifar", zero_init_residual=False)
+    assert all(
+        np.all(layer.gamma.numpy() == 1) for layer in net.layers if layer.name.endswith("_bn2")
+    )
+
+
+def test_projector_structure():
+    proj = model.build_projector(512, dim=2048, hidden=2048, num_layers=3)
+    dense = [layer for layer in proj.layers if isinstance(layer, keras.layers.Dense)]
+    bns = [layer for layer in proj.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    relus = [layer for layer in proj.layers if isinstance(layer, keras.layers.ReLU)]
+    assert len(dense) == 3 and all(not d.use_bias for d in dense)
+    assert len(bns) == 3 and len(relus) == 2  # ReLU on hidden layers only
+    assert bns[-1].center is False and bns[-1].scale is False  # output BN without affine
+    assert all(b.center and b.scale for b in bns[:-1])
+    assert proj.output.shape[-1] == 2048
+    assert (
+        len(
+            [
+                layer
+                for layer in model.build_projector(512, num_layers=2).layers
+                if isinstance(layer, keras.layers.Dense)
+            ]
+        )
+        == 2
+    )
+
+
+def test_predictor_is_a_bottleneck_with_nothing_on_the_output():
+    pred = model.build_predictor(2048, 512)
+    fc1, fc2 = pred.get_layer("fc1"), pred.get_layer("fc2")
+    assert fc1.units == 512 and not fc1.use_bias
+    assert fc2.units == 2048 and fc2.use_bias
+    assert pred.layers[-1] is fc2  # no BN or ReLU after the output layer
+    assert isinstance(pred.get_layer("bn1"), keras.layers.BatchNormalization)
+
+
+def test_predictor_ablations():
+    z = tf.random.normal((4, 32))
+    identity = model.build_predictor(32, 8, kind="identity")
+    np.testing.assert_array_equal(identity(z).numpy(), z.numpy())
+    fixed = model.build_predictor(32, 8, kind="fixed_random")
+    assert fixed.trainable_variables == []
+    with pytest.raises(ValueError, match="model.predictor"):
+        model.build_predictor(32, 8, kind="nope")
+
+
+def test_sync_bn_switch():
+    c = tiny_config(sync_bn=True)
+    net = model.build_simsiam(c.model)
+    bns = [
+        layer
+        for sub in (net.backbone, net.projector, net.predictor)
+        for layer in sub.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert bns and all(b.synchronized for b in bns)
+    net = model.build_simsiam(tiny_config().model)
+    assert not any(
+        layer.synchronized
+        for layer in net.backbone.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="model.backbone='vit'.*resnet50"):
+        model.build_backbone("vit")
+
+
+def test_each_view_is_its_own_forward_pass_with_its_own_bn_statistics():
+    """Encoding the views separately (per-view BN) differs from encoding them concatenated."""
+    net = model.build_simsiam(tiny_config().model)
+    x1 = tf.random.uniform((8, 16, 16, 3), seed=1)
+    x2 = tf.random.uniform((8, 16, 16, 3), seed=2) * 0.3
+    z1, _, _, _ = net.forward_views(x1, x2, training=True)
+    joint = net.projector(net.backbone(tf.concat([x1, x2], 0), training=True), training=True)
+    assert not np.allclose(z1.numpy(), joint[:8].numpy(), atol=1e-3)
+    separate = net.projector(net.backbone(x1, training=True), training=True)
+    np.testing.assert_allclose(z1.numpy(), separate.numpy(), atol=1e-5)
