@@ -223,6 +223,13 @@ class SimSiam(keras.Model):
         self.stop_gradient = stop_gradient
         self.symmetric = symmetric
         self.augmenter = augmenter
+        # The projector's output BN has no affine and, in training mode, standardises each
+        # channel over the batch: std(l2norm(z)) is then ~1/sqrt(d) whatever the network does,
+        # and a collapse is invisible. So the monitor reads z through that BN in inference mode
+        # (moving statistics), which shows a collapse as the std falling to 0 (paper Figure 2).
+        last = projector.layers[-1]
+        self._out_bn = last if isinstance(last, keras.layers.BatchNormalization) else None
+        self._proj_body = keras.Model(projector.input, last.input) if self._out_bn else projector
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.p_std_tracker = keras.metrics.Mean(name="p_std")
@@ -238,14 +245,24 @@ class SimSiam(keras.Model):
     def call(self, images, training=False):
         return self.backbone(images, training=training)
 
+    def _project(self, x, training):
+        """(z, z as the monitor sees it): the output BN in the given mode, and in inference mode."""
+        h = self._proj_body(self.backbone(x, training=training), training=training)
+        if self._out_bn is None:
+            return h, h
+        return self._out_bn(h, training=training), self._out_bn(h, training=False)
+
     def forward_views(self, x1, x2, training=True):
         """z and p of both views. Each view is its own forward pass, so BN statistics are
         computed per view, as the official code does."""
-        z1 = self.projector(self.backbone(x1, training=training), training=training)  # NxC
-        z2 = self.projector(self.backbone(x2, training=training), training=training)  # NxC
+        return self._forward(x1, x2, training)[:4]
+
+    def _forward(self, x1, x2, training):
+        z1, z1_monitor = self._project(x1, training)  # NxC
+        z2, _ = self._project(x2, training)  # NxC
         p1 = self.predictor(z1, training=training)  # NxC
         p2 = self.predictor(z2, training=training)  # NxC
-        return z1, z2, p1, p2
+        return z1, z2, p1, p2, z1_monitor
 
     def _views(self, data):
         data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -259,10 +276,11 @@ class SimSiam(keras.Model):
         return x1, x2
 
     def compute_simsiam_loss(self, data, training=True):
+        """(loss, z of view 1 as the collapse monitor reads it, p of view 1)."""
         x1, x2 = self._views(data)
-        z1, z2, p1, p2 = self.forward_views(x1, x2, training=training)
+        z1, z2, p1, p2, z1_monitor = self._forward(x1, x2, training)
         loss = losses.simsiam_loss(p1, p2, z1, z2, self.stop_gradient, self.symmetric)
-        return loss, z1, p1
+        return loss, z1_monitor, p1
 
     def train_step(self, data):
         with tf.GradientTape() as tape:

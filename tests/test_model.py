@@ -111,3 +111,20 @@ def test_each_view_is_its_own_forward_pass_with_its_own_bn_statistics():
     assert not np.allclose(z1.numpy(), joint[:8].numpy(), atol=1e-3)
     separate = net.projector(net.backbone(x1, training=True), training=True)
     np.testing.assert_allclose(z1.numpy(), separate.numpy(), atol=1e-5)
+
+
+def test_z_monitor_reads_the_output_bn_in_inference_mode():
+    """In training mode the affine-free output BN standardises every channel over the batch,
+    which pins std(l2norm(z)) near 1/sqrt(d); the monitor uses the moving statistics instead."""
+    from simsiam_tf import losses
+
+    net = model.build_simsiam(tiny_config().model)
+    x = tf.random.uniform((16, 16, 16, 3), seed=3)
+    z_train, z_monitor = net._project(x, training=True)
+    bn = net.projector.layers[-1]
+    h = net._proj_body(net.backbone(x, training=True), training=True)
+    np.testing.assert_allclose(z_monitor.numpy(), bn(h, training=False).numpy(), atol=1e-5)
+    d = z_train.shape[-1]
+    assert float(losses.channel_std(z_train)) * np.sqrt(d) == pytest.approx(1.0, abs=0.1)
+    # Fresh moving statistics (mean 0, var 1) are far from this batch's: the readings differ.
+    assert not np.allclose(z_monitor.numpy(), z_train.numpy(), atol=1e-2)
