@@ -95,6 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
         max_bank=0,  # 0: the whole bank split
         max_queries=0,
         random_init_knn=True,  # also score the network at initialisation, for comparison
+        # Collapse monitor (simsiam_tf/collapse.py): std x sqrt(d) of z and p below the
+        # threshold (healthy: about 1) for `patience` epochs in a row warns, or stops the run.
+        collapse_threshold=0.5,
+        collapse_patience=3,
+        collapse_stop=False,
     )
     return c
 
@@ -169,3 +174,7 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail("eval.knn_k", e.knn_k, "must be a positive integer")
     if e.knn_t <= 0:
         _fail("eval.knn_t", e.knn_t, "must be > 0")
+    if not 0 < e.collapse_threshold <= 1:
+        _fail("eval.collapse_threshold", e.collapse_threshold, "must be in (0, 1] (healthy: ~1)")
+    if e.collapse_patience < 1:
+        _fail("eval.collapse_patience", e.collapse_patience, "must be a positive integer (epochs)")

@@ -146,3 +146,69 @@ def build_optimizer(optim_config, global_batch: int, steps_per_epoch: int, predi
     if c.fix_pred_lr:
         opt.set_fixed_lr_variables(predictor_vars)
     return opt
+
+
+@keras.saving.register_keras_serializable("simsiam_tf")
+class LARS(keras.optimizers.Optimizer):
+    """LARS as the official linear evaluation (facebookresearch/simsiam `optimizer.py`, used by
+    `main_lincls.py --lars`): for every variable of more than one dimension
+
+        g <- g + wd * w;   g <- g * trust * ||w|| / ||g||   (x 1 where either norm is 0)
+
+    then, for every variable, buf <- momentum * buf + g;  w <- w - lr * buf. Variables of at most
+    one dimension (biases, BN) get neither weight decay nor the trust ratio.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.1,
+        momentum: float = 0.9,
+        l2_weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        name: str = "lars",
+        **kwargs,
+    ):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if l2_weight_decay < 0:
+            raise ValueError(f"l2_weight_decay must be >= 0, got {l2_weight_decay}")
+        if trust_coefficient <= 0:
+            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
+        self.momentum = momentum
+        self.l2_weight_decay = l2_weight_decay
+        self.trust_coefficient = trust_coefficient
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.momentums = [self.add_variable_from_reference(v, "momentum") for v in variables]
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype)
+        gradient = tf.cast(gradient, dtype)
+        if len(variable.shape) > 1:
+            if self.l2_weight_decay:
+                gradient = gradient + tf.cast(self.l2_weight_decay, dtype) * variable
+            w_norm = tf.norm(variable)
+            g_norm = tf.norm(gradient)
+            trust = tf.where(
+                (w_norm > 0) & (g_norm > 0),
+                tf.cast(self.trust_coefficient, dtype) * w_norm / tf.maximum(g_norm, 1e-30),
+                tf.ones_like(w_norm),
+            )
+            gradient = gradient * trust
+        buf = self.momentums[self._get_variable_index(variable)]
+        self.assign(buf, tf.cast(self.momentum, dtype) * buf + gradient)
+        self.assign_sub(variable, lr * buf)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            momentum=self.momentum,
+            l2_weight_decay=self.l2_weight_decay,
+            trust_coefficient=self.trust_coefficient,
+        )
+        return config

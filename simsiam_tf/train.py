@@ -22,7 +22,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from simsiam_tf import augment, callbacks, data, distribute, model, optim
+from simsiam_tf import augment, callbacks, collapse, data, distribute, model, optim
 from simsiam_tf import config as config_lib
 from simsiam_tf.errors import ConfigError
 
@@ -164,7 +164,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             epochs - initial_epoch,
             steps,
         )
-        cbs = [checkpointer, callbacks.HistoryWriter(history_path, start)]
+        e = config.eval
+        monitor = collapse.CollapseMonitor(
+            net.proj_dim,
+            e.collapse_threshold,
+            e.collapse_patience,
+            e.collapse_stop,
+            collapse.likely_causes(config),
+        )
+        # Before the history writer and TensorBoard, so that they record the std ratios.
+        cbs = [monitor, checkpointer, callbacks.HistoryWriter(history_path, start)]
         if evaluator:
             cbs.insert(0, callbacks.KnnMonitor(evaluator, config.eval.knn_every_epochs, epochs))
         cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tb"), update_freq="epoch"))

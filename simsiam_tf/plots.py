@@ -1,0 +1,194 @@
+"""Pictures of a run: training curves, the paper's Figure 2 for an ablation study, and a
+nearest-neighbour retrieval grid.
+
+Figures are drawn on `matplotlib.figure.Figure` objects, rendered by the Agg canvas: no display,
+no global pyplot state, safe in tests and on servers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _series(rows: Sequence[Mapping], key: str, scale: float = 1.0):
+    pts = [(r["epoch"], r[key] * scale) for r in rows if key in r and r[key] is not None]
+    return ([e for e, _ in pts], [v for _, v in pts]) if pts else ([], [])
+
+
+def _knn_series(rows, random_init: Optional[float]):
+    """kNN top-1 in %, starting at epoch 0 with the random-init score when known."""
+    epochs, acc = _series(rows, "knn_top1", 100.0)
+    if random_init is not None:
+        epochs, acc = [0] + epochs, [100.0 * random_init] + acc
+    return epochs, acc
+
+
+def plot_curves(
+    rows: Sequence[Mapping],
+    path: str,
+    proj_dim: int,
+    random_init_knn: Optional[float] = None,
+    title: str = "",
+) -> str:
+    """A 2x2 PNG of one run's history.jsonl rows: loss, output std x sqrt(d), kNN top-1, lr."""
+    if not rows:
+        raise ValueError("no history rows to plot (history.jsonl is empty)")
+    fig = _figure(10, 7)
+    axes = fig.subplots(2, 2)
+    scale = math.sqrt(proj_dim)
+
+    ax = axes[0, 0]
+    ax.plot(*_series(rows, "loss"), "o-", ms=3)
+    ax.axhline(-1.0, color="grey", ls=":", lw=1)
+    ax.set(title="training loss (minimum -1)", xlabel="epoch", ylabel="loss")
+
+    ax = axes[0, 1]
+    for key, label in (("z_std", "z (projector)"), ("p_std", "p (predictor)")):
+        x, y = _series(rows, key, scale)
+        if x:
+            ax.plot(x, y, "o-", ms=3, label=label)
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.set_ylim(bottom=0)
+    ax.set(
+        title="std of l2-normalised output x sqrt(d)",
+        xlabel="epoch",
+        ylabel=f"std x sqrt({proj_dim})",
+    )
+    ax.legend(loc="lower left", fontsize=8)
+
+    ax = axes[1, 0]
+    x, y = _knn_series(rows, random_init_knn)
+    if x:
+        ax.plot(x, y, "o-", ms=3, label="SimSiam")
+    if random_init_knn is not None:
+        ax.axhline(100 * random_init_knn, color="grey", ls="--", lw=1, label="random init")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set(title="kNN top-1 (%)", xlabel="epoch", ylabel="accuracy (%)")
+
+    ax = axes[1, 1]
+    ax.plot(*_series(rows, "lr"), "o-", ms=3)
+    ax.set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
+    ax.set_ylim(bottom=0)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_ablation(
+    arms: Mapping[str, Sequence[Mapping]],
+    path: str,
+    proj_dim: int,
+    random_init_knn: Optional[float] = None,
+    title: str = "",
+) -> str:
+    """The paper's Figure 2 for several arms: loss, std x sqrt(d) of z, kNN top-1 per epoch."""
+    if not arms:
+        raise ValueError("no arms to plot")
+    fig = _figure(14, 4.2)
+    axes = fig.subplots(1, 3)
+    scale = math.sqrt(proj_dim)
+    for name, rows in arms.items():
+        axes[0].plot(*_series(rows, "loss"), "o-", ms=3, label=name)
+        axes[1].plot(*_series(rows, "z_std", scale), "o-", ms=3, label=name)
+        x, y = _knn_series(rows, random_init_knn)
+        axes[2].plot(x, y, "o-", ms=3, label=name)
+    axes[0].axhline(-1.0, color="grey", ls=":", lw=1)
+    axes[0].set(title="training loss", xlabel="epoch", ylabel="loss")
+    axes[1].axhline(1.0, color="grey", ls=":", lw=1)
+    axes[1].set_ylim(bottom=0)
+    axes[1].set(
+        title="output std (l2-normalised z) x sqrt(d)",
+        xlabel="epoch",
+        ylabel=f"std x sqrt({proj_dim})",
+    )
+    if random_init_knn is not None:
+        axes[2].axhline(100 * random_init_knn, color="grey", ls="--", lw=1, label="random init")
+    axes[2].set(title="kNN top-1 (%)", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, format="png")
+    return path
+
+
+def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Indices (Q x k) of each query's k nearest bank rows by cosine similarity, nearest first."""
+    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    sim = unit(np.asarray(queries, np.float32)) @ unit(np.asarray(bank, np.float32)).T
+    k = min(k, sim.shape[1])
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def retrieval_grid(
+    queries: np.ndarray,
+    neighbours: np.ndarray,
+    path: str,
+    query_labels: Optional[Sequence[int]] = None,
+    neighbour_labels: Optional[np.ndarray] = None,
+    class_names: Sequence[str] = (),
+    title: str = "",
+) -> str:
+    """A PNG grid: one row per query, the query image then its neighbours, nearest first.
+
+    queries: Q x H x W x 3 uint8; neighbours: Q x K x H x W x 3 uint8. With labels, each
+    neighbour is framed green when its class is the query's and red otherwise.
+    """
+    queries, neighbours = np.asarray(queries), np.asarray(neighbours)
+    if queries.ndim != 4 or neighbours.ndim != 5 or len(queries) != len(neighbours):
+        raise ValueError(
+            f"need Q x H x W x 3 queries and Q x K x H x W x 3 neighbours, got "
+            f"{queries.shape} and {neighbours.shape}"
+        )
+    q, k = neighbours.shape[:2]
+    cell = 1.1
+    fig = _figure(cell * (k + 1) + 0.4, cell * q + (0.5 if title else 0.2))
+    axes = np.asarray(fig.subplots(q, k + 1, squeeze=False))
+    name = lambda c: class_names[c] if 0 <= c < len(class_names) else str(c)
+    for i in range(q):
+        cols = [queries[i]] + list(neighbours[i])
+        for j, image in enumerate(cols):
+            ax = axes[i, j]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour, width = "black", 0.5
+            if j == 0:
+                colour, width = "royalblue", 3
+                if query_labels is not None:
+                    ax.set_ylabel(name(int(query_labels[i])), fontsize=7)
+            elif query_labels is not None and neighbour_labels is not None:
+                same = int(neighbour_labels[i][j - 1]) == int(query_labels[i])
+                colour, width = ("limegreen" if same else "red"), 3
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(width)
+            if i == 0:
+                ax.set_title("query" if j == 0 else f"#{j}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, format="png")
+    return path
+
+
+def read_png_size(path: str) -> tuple:
+    """(width, height) from a PNG's header; raises ValueError when the file is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        raise ValueError(f"{path} is not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

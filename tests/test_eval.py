@@ -1,0 +1,292 @@
+"""Evaluation: the kNN classifier, the stop-gradient switch, LARS, the linear probe, the tools."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import data, knn, linear, model, optim
+from tests.conftest import REPO
+from tests.helpers import tiny_config
+
+# ------------------------------------------------------------------------------------------------
+# kNN
+
+
+def _unit(a):
+    a = np.asarray(a, np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_knn_on_constructed_features_gives_the_known_answer():
+    # Three classes along three axes, two bank points each; queries near one axis each.
+    bank = _unit([[1, 0.1, 0], [1, -0.1, 0], [0, 1, 0.1], [0.1, 1, 0], [0, 0, 1], [0, 0.1, 1]])
+    bank_labels = np.array([0, 0, 1, 1, 2, 2])
+    queries = _unit([[0.9, 0.2, 0.1], [0.1, 0.8, 0.0], [0.0, 0.2, 0.9], [1, 0, 0.05]])
+    preds = knn.knn_predict(bank, bank_labels, queries, num_classes=3, k=2, t=0.1, batch=3)
+    np.testing.assert_array_equal(preds, [0, 1, 2, 0])
+    acc = knn.knn_accuracy(bank, bank_labels, queries, [0, 1, 2, 1], 3, k=2, t=0.1, batch=1)
+    assert acc == pytest.approx(0.75)
+
+
+def test_knn_votes_are_weighted_by_exp_similarity_over_t():
+    # Two very close neighbours of class 0 outvote three distant ones of class 1 (a plain
+    # majority of the 5 nearest would say 1); with a large T the weights flatten and 1 wins.
+    q = _unit([[1.0, 0.0]])
+    close = _unit([[1.0, 0.05], [1.0, -0.05]])
+    far = _unit([[0.5, 0.87], [0.5, -0.87], [0.45, 0.89]])
+    bank = np.concatenate([close, far])
+    labels = np.array([0, 0, 1, 1, 1])
+    assert knn.knn_predict(bank, labels, q, 2, k=5, t=0.1)[0] == 0
+    assert knn.knn_predict(bank, labels, q, 2, k=5, t=100.0)[0] == 1
+    # k larger than the bank is clamped, not an error.
+    assert knn.knn_predict(bank, labels, q, 2, k=500, t=0.1)[0] == 0
+
+
+def test_knn_batching_does_not_change_the_answer():
+    rng = np.random.default_rng(0)
+    bank, queries = _unit(rng.normal(size=(300, 8))), _unit(rng.normal(size=(70, 8)))
+    labels = rng.integers(0, 4, 300)
+    a = knn.knn_predict(bank, labels, queries, 4, k=20, t=0.1, batch=7)
+    b = knn.knn_predict(bank, labels, queries, 4, k=20, t=0.1, batch=1000)
+    np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stop-gradient, through SimSiam itself
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_gradient_reaches_z_only_without_stop_gradient(stop_gradient):
+    """Asymmetric loss D(p1, z2): view 2 reaches the loss only through z2, so the gradient with
+    respect to view 2 is exactly zero with the stop-gradient and non-zero without it."""
+    keras.utils.set_random_seed(0)
+    net = model.build_simsiam(tiny_config(stop_gradient=stop_gradient, symmetric=False).model)
+    x1 = tf.random.uniform((8, 16, 16, 3), seed=1)
+    x2 = tf.random.uniform((8, 16, 16, 3), seed=2)
+    with tf.GradientTape() as tape:
+        tape.watch(x2)
+        loss, _, _ = net.compute_simsiam_loss({"view1": x1, "view2": x2}, training=True)
+    grad = tape.gradient(loss, x2)
+    norm = 0.0 if grad is None else float(tf.norm(grad))
+    if stop_gradient:
+        assert norm == 0.0
+    else:
+        assert norm > 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# LARS
+
+
+def test_lars_matches_the_official_update():
+    """Two steps against a numpy transcription of facebookresearch/simsiam optimizer.py."""
+    w0, b0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.array([0.1, -0.2])
+    grads = [(np.array([[0.3, 0.1], [-0.2, 0.4]]), np.array([0.5, -1.0]))] * 2
+    lr, mom, wd, trust = 0.5, 0.9, 1e-2, 1e-3
+    w, b = tf.Variable(w0), tf.Variable(b0)
+    opt = optim.LARS(lr, momentum=mom, l2_weight_decay=wd, trust_coefficient=trust)
+    ref_w, ref_b, mu_w, mu_b = w0.copy(), b0.copy(), 0.0, 0.0
+    for gw, gb in grads:
+        opt.apply([tf.constant(gw), tf.constant(gb)], [w, b])
+        dp = gw + wd * ref_w  # 2-D: decay and trust ratio
+        dp = dp * (trust * np.linalg.norm(ref_w) / np.linalg.norm(dp))
+        mu_w = mom * mu_w + dp
+        ref_w = ref_w - lr * mu_w
+        mu_b = mom * mu_b + gb  # 1-D: plain momentum
+        ref_b = ref_b - lr * mu_b
+    np.testing.assert_allclose(w.numpy(), ref_w, rtol=1e-6)
+    np.testing.assert_allclose(b.numpy(), ref_b, rtol=1e-6)
+
+
+def test_lars_leaves_zero_weights_to_plain_momentum():
+    w = tf.Variable(np.zeros((2, 2)))
+    optim.LARS(1.0, momentum=0.0).apply([tf.ones((2, 2), tf.float64)], [w])
+    np.testing.assert_allclose(w.numpy(), -np.ones((2, 2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def _tiny_source(n, seed, classes=3, size=12):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.int64)
+    # Class-dependent colour so that even a random CNN separates them.
+    images = rng.integers(0, 60, (n, size, size, 3)).astype(np.uint8)
+    images[np.arange(n), :, :, labels] += 150
+    return data.Source(f"tiny{seed}", n, classes, labels, images=images)
+
+
+def _tiny_backbone():
+    keras.utils.set_random_seed(0)
+    return model.build_backbone("cnn_small", width=4)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_linear_probe_leaves_the_backbone_unchanged(augment):
+    backbone = _tiny_backbone()
+    before = linear.snapshot(backbone)
+    proto = linear.get_protocol("cifar", epochs=20, batch_size=16, base_lr=8.0, augment=augment)
+    result = linear.linear_eval(
+        backbone, _tiny_source(64, 0), _tiny_source(32, 1), 12, proto, seed=0
+    )
+    assert result["backbone_unchanged"] is True
+    assert linear.changed_weights(backbone, before) == []  # BN moving statistics included
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    assert result["top5"] == 1.0  # 3 classes: the top 5 always holds the answer
+    assert result["top1"] > 0.6  # the colour cue is easy
+
+
+def test_changed_weights_notices_a_moving_statistic():
+    backbone = _tiny_backbone()
+    before = linear.snapshot(backbone)
+    bn = backbone.get_layer("bn1")
+    bn.moving_mean.assign(bn.moving_mean + 1.0)
+    assert linear.changed_weights(backbone, before) == [bn.moving_mean.path]
+
+
+def test_linear_probe_runs_bn_in_inference_mode():
+    backbone = _tiny_backbone()
+    probe = linear.LinearProbe(backbone, linear.build_head(int(backbone.output.shape[-1]), 3))
+    x = tf.random.uniform((4, 12, 12, 3), seed=3)
+    np.testing.assert_allclose(
+        probe(x, training=True).numpy(), probe(x, training=False).numpy(), atol=1e-6
+    )
+    assert [v.path for v in probe.trainable_variables] == [
+        v.path for v in probe.head.trainable_variables
+    ]
+
+
+def test_protocols():
+    p = linear.get_protocol("imagenet")
+    assert (p.optimizer, p.batch_size, p.epochs, p.weight_decay) == ("lars", 4096, 90, 0.0)
+    assert p.lr == pytest.approx(1.6) and p.augment and p.eval_crop_fraction == 0.875
+    assert linear.get_protocol("cifar", epochs=5, base_lr=None).epochs == 5
+    with pytest.raises(ValueError, match="protocol"):
+        linear.get_protocol("mnist")
+    with pytest.raises(ValueError, match="batch_size"):
+        linear.get_protocol("cifar", batch_size=0)
+
+
+def test_topk_accuracy():
+    logits = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+    labels = np.array([2, 0, 0])
+    assert linear.topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert linear.topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+
+
+def test_holdout_split_is_per_class_and_disjoint():
+    src = _tiny_source(50, 0)
+    train, test = linear.holdout_split(src, 0.2, seed=0)
+    assert train.num_examples + test.num_examples == 50
+    assert set(np.unique(test.labels)) == set(np.unique(src.labels))
+    both = np.concatenate([train.images, test.images]).reshape(50, -1)
+    assert len(np.unique(both, axis=0)) == 50
+
+
+# ------------------------------------------------------------------------------------------------
+# The tools
+
+
+@pytest.mark.parametrize("name", ["eval_knn", "eval_linear", "plot", "ablate"])
+def test_tools_import(name):
+    spec = importlib.util.spec_from_file_location(
+        f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    from absl import flags
+
+    saved = {f: flags.FLAGS[f] for f in list(flags.FLAGS)}
+    try:
+        spec.loader.exec_module(module)
+        assert callable(module.main)
+    finally:  # forget the tool's flags, so that the next tool can define its own
+        for f in list(flags.FLAGS):
+            if f not in saved:
+                delattr(flags.FLAGS, f)
+
+
+def _tool(*args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+TINY = [
+    "--config=configs/quickstart.py",
+    "--config.model.width=8",
+    "--config.model.proj_dim=64",
+    "--config.model.proj_hidden=64",
+    "--config.model.pred_hidden=16",
+    "--config.optim.batch_size=32",
+    "--config.train.steps_per_epoch=3",
+    "--config.train.verbose=2",
+    "--config.eval.knn_every_epochs=1",
+    "--config.eval.max_bank=300",
+    "--config.eval.max_queries=100",
+]
+
+
+@pytest.mark.slow
+def test_tools_end_to_end(tmp_path):
+    """train -> eval_knn, eval_linear, plot on the run and on a folder it never saw; ablate."""
+    from tests.conftest import write_images
+
+    run = str(tmp_path / "run")
+    _tool("tools/train.py", f"--workdir={run}", "--config.optim.epochs=1", *TINY)
+    out = _tool("tools/eval_knn.py", f"--workdir={run}")
+    res = json.load(open(os.path.join(run, "knn_eval.json")))
+    assert 0 <= res["knn_top1"] <= 1 and 0 <= res["random_init_knn_top1"] <= 1, out
+    _tool("tools/eval_linear.py", f"--workdir={run}", "--epochs=2", "--verbose=0")
+    res = json.load(open(os.path.join(run, "linear_cifar.json")))
+    assert res["backbone_unchanged"] and 0 <= res["top1"] <= res["top5"] <= 1
+    _tool("tools/plot.py", f"--workdir={run}", "--queries=3", "--k=4")
+    for name in ("curves.png", "retrieval.png"):
+        with open(os.path.join(run, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # An unseen labelled folder without train/test subfolders: a seeded 80/20 split.
+    folder = tmp_path / "unseen"
+    for c in range(3):
+        write_images(str(folder / f"class{c}"), 10, seed=c)
+    _tool(
+        "tools/eval_knn.py",
+        f"--workdir={run}",
+        f"--data=folder:{folder}",
+        "--k=5",
+        f"--output={tmp_path / 'knn_unseen.json'}",
+    )
+    assert json.load(open(tmp_path / "knn_unseen.json"))["num_queries"] == 6
+    _tool(
+        "tools/eval_linear.py",
+        f"--workdir={run}",
+        f"--data=folder:{folder}",
+        "--epochs=2",
+        "--batch_size=8",
+        "--verbose=0",
+        f"--output={tmp_path / 'lin_unseen.json'}",
+    )
+    assert json.load(open(tmp_path / "lin_unseen.json"))["num_test"] == 6
+
+    study = str(tmp_path / "study")
+    out = _tool(
+        "tools/ablate.py",
+        "--config=configs/quickstart.py",
+        f"--workdir={study}",
+        "--arms=simsiam,no_stopgrad",
+        "--epochs=1",
+        *TINY[1:],
+    )
+    report = json.load(open(os.path.join(study, "ablation.json")))
+    assert set(report["arms"]) == {"simsiam", "no_stopgrad"}
+    assert os.path.exists(os.path.join(study, "ablation.png")) and "| no_stopgrad |" in out

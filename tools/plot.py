@@ -1,0 +1,124 @@
+"""Pictures of a pretraining run: training curves and a nearest-neighbour retrieval grid.
+
+  python tools/plot.py --workdir=runs/c10 [--data=folder:/other/images] [--queries=8 --k=8]
+
+Writes WORKDIR/curves.png (loss, output std x sqrt(d) of z and p, kNN top-1 against the random
+initialisation, lr; from WORKDIR/history.jsonl) and WORKDIR/retrieval.png (query images from the
+query split beside their k nearest bank images by cosine similarity of the backbone embedding;
+green frame: same class, red: another class).
+"""
+
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from simsiam_tf import callbacks, data, knn, linear, plots
+from simsiam_tf.errors import ConfigError
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory.")
+_OUT_DIR = flags.DEFINE_string("out_dir", "", "Where the PNGs go (default: the run directory).")
+_DATA = flags.DEFINE_string("data", "", "Data for the retrieval grid (default: the run's).")
+_QUERIES = flags.DEFINE_integer("queries", 8, "Query images (rows) in the retrieval grid.")
+_K = flags.DEFINE_integer("k", 8, "Neighbours shown per query.")
+_MAX_BANK = flags.DEFINE_integer("max_bank", None, "Seeded bank subset (default: eval.max_bank).")
+_RETRIEVAL = flags.DEFINE_bool("retrieval", True, "Draw the retrieval grid (needs the weights).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _images(source: data.Source, indices, size: int) -> np.ndarray:
+    """uint8 images of `source` at `indices`, preprocessed as for evaluation."""
+    indices = [int(i) for i in indices]
+    sub = dataclasses.replace(
+        source,
+        num_examples=len(indices),
+        labels=source.labels[indices],
+        images=None if source.images is None else source.images[indices],
+        files=None if source.files is None else [source.files[i] for i in indices],
+    )
+    out = [x.numpy() for x, _ in data.eval_dataset(sub, size, 256)]
+    return np.round(np.concatenate(out) * 255).clip(0, 255).astype(np.uint8)
+
+
+def draw_retrieval(workdir, out_path, spec, num_queries, k, max_bank):
+    backbone, config, origin = linear.load_run_backbone(workdir)
+    d, e = config.data, config.eval
+    bank, queries = linear.eval_sources(
+        spec or d.source,
+        e.bank_split,
+        e.query_split,
+        e.max_bank if max_bank is None else max_bank,
+        0,
+        config.seed,
+        d.tfds_data_dir or None,
+        d.tfds_download,
+    )
+    if bank.files is None and bank.images is None:
+        raise ValueError(f"{bank.name}: the retrieval grid needs an in-memory or file source")
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.choice(queries.num_examples, min(num_queries, queries.num_examples), False))
+    size = d.image_size
+    bank_f, bank_y = knn.extract_features(backbone, data.eval_dataset(bank, size, 256))
+    query_img = _images(queries, pick, size)
+    query_f = np.asarray(backbone.predict_on_batch(query_img.astype(np.float32) / 255.0))
+    nn = plots.nearest_neighbours(bank_f, query_f, k)  # Q x k
+    neighbours = _images(bank, nn.reshape(-1), size).reshape(nn.shape + query_img.shape[1:])
+    names = bank.class_names or queries.class_names
+    return plots.retrieval_grid(
+        query_img,
+        neighbours,
+        out_path,
+        queries.labels[pick] if queries.num_classes else None,
+        bank_y[nn] if bank.num_classes else None,
+        names,
+        title=f"{os.path.basename(os.path.normpath(workdir))}: nearest neighbours in "
+        f"{bank.name} ({bank.num_examples}) by cosine similarity; backbone {origin}",
+    )
+
+
+def main(argv):
+    del argv
+    workdir = _WORKDIR.value
+    out_dir = _OUT_DIR.value or workdir
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        from simsiam_tf import train
+
+        config = train.load_config(workdir)
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+    rows = callbacks.read_history(os.path.join(workdir, "history.jsonl"))
+    init = os.path.join(workdir, "random_init.json")
+    random_init = json.load(open(init))["knn_top1"] if os.path.exists(init) else None
+    if rows:
+        path = plots.plot_curves(
+            rows,
+            os.path.join(out_dir, "curves.png"),
+            config.model.proj_dim,
+            random_init,
+            title=f"{os.path.basename(os.path.normpath(workdir))}: {config.model.backbone}, "
+            f"{config.data.source}, batch {config.optim.batch_size}",
+        )
+        print(f"curves -> {path}")
+    else:
+        logging.warning("%s/history.jsonl is empty: no curves", workdir)
+    if _RETRIEVAL.value:
+        try:
+            path = draw_retrieval(
+                workdir,
+                os.path.join(out_dir, "retrieval.png"),
+                _DATA.value,
+                _QUERIES.value,
+                _K.value,
+                _MAX_BANK.value,
+            )
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
+        print(f"retrieval grid -> {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
