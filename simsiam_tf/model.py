@@ -28,9 +28,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # PyTorch's defaults, so that the recipe's hyper-parameters mean the same thing here:
 # BN momentum 0.1 (Keras counts the other way: 0.9), eps 1e-5; conv weights
 # kaiming_normal(fan_out) as torchvision's ResNet; Dense weights and biases U(+-1/sqrt(fan_in)).
+# A fresh initializer per layer: a Keras 3 initializer instance draws its seed once, so one
+# instance shared by several layers would give every layer of a shape the same weights, and one
+# made at import time would ignore keras.utils.set_random_seed.
 _BN = dict(momentum=0.9, epsilon=1e-5)
-_CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-_DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _conv_init():
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
+
+
+def _dense_init():
+    return keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _bn(sync: bool, name: str, zero_gamma: bool = False, affine: bool = True):
@@ -51,7 +60,7 @@ def _conv(filters: int, kernel: int, stride: int, name: str):
         strides=stride,
         padding="same",
         use_bias=False,
-        kernel_initializer=_CONV_INIT,
+        kernel_initializer=_conv_init(),
         name=name,
     )
 
@@ -139,7 +148,7 @@ def build_backbone(
 
 def _dense(units: int, name: str):
     """Dense without bias: every such layer is followed by BN, whose shift makes a bias moot."""
-    return keras.layers.Dense(units, use_bias=False, kernel_initializer=_DENSE_INIT, name=name)
+    return keras.layers.Dense(units, use_bias=False, kernel_initializer=_dense_init(), name=name)
 
 
 def build_projector(
@@ -183,7 +192,7 @@ def build_predictor(
     # The output layer has a bias and no BN (paper section 4.4; official builder.py).
     x = keras.layers.Dense(
         dim,
-        kernel_initializer=_DENSE_INIT,
+        kernel_initializer=_dense_init(),
         bias_initializer=keras.initializers.RandomUniform(
             -1.0 / math.sqrt(hidden), 1.0 / math.sqrt(hidden)
         ),

@@ -128,3 +128,14 @@ def test_z_monitor_reads_the_output_bn_in_inference_mode():
     assert float(losses.channel_std(z_train)) * np.sqrt(d) == pytest.approx(1.0, abs=0.1)
     # Fresh moving statistics (mean 0, var 1) are far from this batch's: the readings differ.
     assert not np.allclose(z_monitor.numpy(), z_train.numpy(), atol=1e-2)
+
+
+def test_layers_get_distinct_initial_weights_and_the_seed_fixes_them():
+    keras.utils.set_random_seed(1)
+    net = model.build_backbone("resnet18_cifar")
+    a = net.get_layer("stage1_block1_conv1").kernel.numpy()
+    b = net.get_layer("stage1_block2_conv1").kernel.numpy()  # same shape, another layer
+    assert a.shape == b.shape and not np.allclose(a, b)
+    keras.utils.set_random_seed(1)
+    again = model.build_backbone("resnet18_cifar")
+    np.testing.assert_array_equal(again.get_layer("stage1_block1_conv1").kernel.numpy(), a)
