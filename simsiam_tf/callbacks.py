@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
+import threading
 import time
 from typing import Optional
 
@@ -16,31 +19,122 @@ from simsiam_tf import data, knn
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """Saves model, optimizer (momentum buffers, step count, hence the lr schedule position) and
-    the epoch after every epoch under WORKDIR/checkpoints; `restore` resumes from the latest.
+    """Saves model and optimizer (momentum buffers and step count, hence the lr schedule
+    position and the position in the data) under WORKDIR/checkpoints: after every epoch, every
+    `every_steps` steps, and on SIGTERM (a preemption notice), after which training stops
+    cleanly. `restore` resumes from the latest, mid-epoch included: the pipeline is a pure
+    function of (seed, epoch, batch), so (epoch, batch) = divmod(step, steps_per_epoch) is all
+    a resume needs to feed the very batches an uninterrupted run would have seen.
 
-    Uses tf.train.CheckpointManager, whose writes are atomic: a run killed mid-save leaves the
-    previous checkpoint intact.
+    Writes go through tf.train.CheckpointManager, which is atomic: a run killed mid-save keeps
+    the previous checkpoint.
     """
 
-    def __init__(self, directory: str, model: keras.Model, optimizer, max_to_keep: int = 3):
+    def __init__(
+        self,
+        directory: str,
+        model: keras.Model,
+        optimizer,
+        steps_per_epoch: int,
+        max_to_keep: int = 3,
+        every_steps: int = 0,
+    ):
         super().__init__()
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=self.epoch)
+        self.optimizer = optimizer
+        self.steps_per_epoch = steps_per_epoch
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
+        self.every_steps = every_steps
+        self._preempted = False
+        self._previous_handler = None
 
-    def restore(self) -> int:
-        """Restores the latest checkpoint, if any; returns the number of epochs it completed."""
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def restore(self) -> tuple[int, int]:
+        """Restores the latest checkpoint, if any; returns (completed epochs, batches done in
+        the epoch after them)."""
         latest = self.manager.latest_checkpoint
         if latest is None:
-            return 0
+            return 0, 0
         self.checkpoint.restore(latest).assert_existing_objects_matched()
-        logging.info("Resumed from %s (epoch %d)", latest, int(self.epoch.numpy()))
-        return int(self.epoch.numpy())
+        epoch, batch = divmod(self.step, self.steps_per_epoch)
+        logging.info(
+            "Resumed from %s (step %d: epoch %d, batch %d)", latest, self.step, epoch, batch
+        )
+        return epoch, batch
+
+    def save(self) -> str:
+        """Writes a checkpoint, after checking that no weight or optimizer slot is NaN or inf: a
+        step's loss is computed before its update, so the update can break the weights while
+        the loss still looks fine."""
+        for v in self.model.variables + self.optimizer.variables:
+            value = np.asarray(v)
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise NonFiniteLossError(
+                    f"{v.path} became non-finite by step {self.step}; training stopped before "
+                    f"saving it. {_nan_advice(self.manager.latest_checkpoint)}"
+                )
+        return self.manager.save(checkpoint_number=self.step)
+
+    @property
+    def preempted(self) -> bool:
+        return self._preempted
+
+    def on_train_begin(self, logs=None):
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_end(self, logs=None):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self._preempted = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._preempted or (self.every_steps and self.step % self.every_steps == 0):
+            path = self.save()
+            if self._preempted:
+                logging.warning("Saved %s; stopped for preemption, rerun to resume", path)
+                self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        self.epoch.assign(epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+        if self.step % self.steps_per_epoch == 0:
+            self.save()
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss, before any checkpoint can store the broken
+    weights (it must come before the Checkpointer in the callback list)."""
+
+    def __init__(self, checkpoint_dir: str):
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(np.asarray((logs or {}).get("loss", 0.0)))
+        if not math.isfinite(loss):
+            step = int(self.model.optimizer.iterations.numpy())
+            latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+            raise NonFiniteLossError(
+                f"the loss became {loss} at step {step}; training stopped. {_nan_advice(latest)}"
+            )
+
+
+def _nan_advice(latest_checkpoint) -> str:
+    return (
+        f"The last good checkpoint is {latest_checkpoint or '(none yet)'}: rerunning the same "
+        "command resumes from it. Likely causes: a learning rate too high for this batch size, "
+        "corrupt input, or float16 overflow (try train.precision=mixed_bfloat16)."
+    )
 
 
 class KnnMonitor(keras.callbacks.Callback):

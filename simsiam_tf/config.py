@@ -82,6 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
         precision="float32",
         jit_compile=False,
         keep_checkpoints=3,
+        backup_every_steps=500,  # also checkpoint every N steps (0: only after each epoch)
+        deterministic=False,  # op determinism: bit-identical reruns and resumes, slower
         verbose=1,  # Keras progress bar: 1 bar, 2 one line per epoch, 0 silent
     )
 
@@ -168,6 +170,8 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail("optim.momentum", o.momentum, "must be in [0, 1)")
     if t.steps_per_epoch < 0:
         _fail("train.steps_per_epoch", t.steps_per_epoch, "must be >= 0 (0: a full pass)")
+    if t.backup_every_steps < 0:
+        _fail("train.backup_every_steps", t.backup_every_steps, "must be >= 0 (0: epochs only)")
     if t.precision not in PRECISIONS:
         _fail("train.precision", t.precision, f"choose one of {PRECISIONS}")
     if e.knn_k < 1:

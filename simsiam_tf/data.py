@@ -289,11 +289,14 @@ def pretrain_dataset(
     start_epoch: int = 0,
     num_epochs: Optional[int] = None,
     steps_per_epoch: int = 0,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Global batches {"view1", "view2"} of uint8 views, epoch after epoch, from `start_epoch`.
 
     Each epoch is a fresh seeded permutation cut into `num_examples // global_batch` full batches
-    (the remainder is dropped), or `steps_per_epoch` of them when that is smaller. With `data_config.photometric == "device"` the views are only
+    (the remainder is dropped), or `steps_per_epoch` of them when that is smaller. Batch b of
+    epoch e is a pure function of (seed, e, b): `start_batch` skips the first batches of
+    `start_epoch` without computing them, which is how a run resumes mid-epoch. With `data_config.photometric == "device"` the views are only
     cropped and flipped here and the batches also carry "params1"/"params2", the per-image
     photometric parameters that the train step applies on the accelerator.
     """
@@ -334,6 +337,10 @@ def pretrain_dataset(
         ]
         return views[0], views[1]
 
+    def skip_in(epoch):
+        """Batches to skip at the start of `epoch`: start_batch in the first, else none."""
+        return tf.where(tf.equal(epoch, start_epoch), tf.cast(start_batch, tf.int64), 0)
+
     if source.in_memory:
         images = tf.constant(source.images)
         height, width = source.images.shape[1:3]
@@ -361,31 +368,39 @@ def pretrain_dataset(
             return (
                 tf.data.Dataset.from_tensor_slices(batches)
                 .enumerate()
+                .skip(skip_in(epoch))
                 .map(make, num_parallel_calls=AUTOTUNE)
             )
 
     else:
-        encoded = source.encoded()
+        encoded = source.tfds_dataset  # streamed sources; files are read by index below
 
         def epoch_dataset(epoch):
-            ds = encoded
+            skip = skip_in(epoch)
             if source.files is not None:
                 order = tf.random.experimental.stateless_shuffle(
                     tf.range(source.num_examples), augment.fold_seed(base_seed, epoch)
                 )
                 files = tf.constant(source.files)
-                ds = tf.data.Dataset.from_tensor_slices(order).map(
-                    lambda i: (tf.io.read_file(tf.gather(files, i)), i)
+                ds = tf.data.Dataset.from_tensor_slices(order).enumerate()
+                ds = ds.skip(skip * global_batch).map(
+                    lambda i, idx: (i, tf.io.read_file(tf.gather(files, idx))),
+                    num_parallel_calls=AUTOTUNE,
                 )
             else:
                 # A streamed source is shuffled through a buffer: seeded, reshuffled each epoch.
-                ds = ds.shuffle(min(source.num_examples, data_config.shuffle_buffer), seed=seed)
-            ds = ds.enumerate().map(
-                lambda i, ex: crop_pair(decode_rgb(ex[0]), augment.fold_seed(base_seed, epoch, i)),
+                ds = encoded.shuffle(
+                    min(source.num_examples, data_config.shuffle_buffer), seed=seed
+                )
+                ds = ds.enumerate().skip(skip * global_batch).map(lambda i, ex: (i, ex[0]))
+            ds = ds.map(
+                lambda i, encoded_image: crop_pair(
+                    decode_rgb(encoded_image), augment.fold_seed(base_seed, epoch, i)
+                ),
                 num_parallel_calls=AUTOTUNE,
             )
-            ds = ds.batch(global_batch, drop_remainder=True).take(steps)
-            return ds.enumerate().map(
+            ds = ds.batch(global_batch, drop_remainder=True).take(steps - skip)
+            return ds.enumerate(start=skip).map(
                 lambda step, views: finish_batch(epoch, step, *views), num_parallel_calls=AUTOTUNE
             )
 

@@ -111,6 +111,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.validate(config, strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(config.train.precision)
     keras.utils.set_random_seed(config.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
 
@@ -137,15 +139,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
 
     net, opt = build_model_and_optimizer(config, steps, strategy)
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
     checkpointer = callbacks.Checkpointer(
-        os.path.join(workdir, "checkpoints"), net, opt, config.train.keep_checkpoints
+        checkpoint_dir,
+        net,
+        opt,
+        steps,
+        config.train.keep_checkpoints,
+        config.train.backup_every_steps,
     )
-    initial_epoch = checkpointer.restore()
+    initial_epoch, initial_batch = checkpointer.restore()
     evaluator = make_knn_evaluator(config)
 
     random_init_path = os.path.join(workdir, "random_init.json")
     if evaluator and config.eval.random_init_knn and not os.path.exists(random_init_path):
-        if initial_epoch == 0:
+        if checkpointer.step == 0:
             top1 = evaluator(net.backbone)
             logging.info("kNN top-1 at initialisation: %.4f", top1)
             with open(random_init_path, "w") as f:
@@ -154,16 +162,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     epochs = config.optim.epochs
     history_path = os.path.join(workdir, "history.jsonl")
     if initial_epoch < epochs:
-        dataset = data.pretrain_dataset(
-            source,
-            d,
-            config.aug,
-            global_batch,
-            config.seed,
-            initial_epoch,
-            epochs - initial_epoch,
-            steps,
-        )
+
+        def dataset(first_epoch, num_epochs, first_batch=0):
+            return data.pretrain_dataset(
+                source,
+                d,
+                config.aug,
+                global_batch,
+                config.seed,
+                first_epoch,
+                num_epochs,
+                steps,
+                first_batch,
+            )
+
         e = config.eval
         monitor = collapse.CollapseMonitor(
             net.proj_dim,
@@ -172,24 +184,47 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             e.collapse_stop,
             collapse.likely_causes(config),
         )
-        # Before the history writer and TensorBoard, so that they record the std ratios.
-        cbs = [monitor, checkpointer, callbacks.HistoryWriter(history_path, start)]
+        # The NaN guard comes before the checkpointer, so broken weights are never saved; the
+        # monitors before the history writer and TensorBoard, so that they record their logs.
+        cbs = [
+            callbacks.NanGuard(checkpoint_dir),
+            monitor,
+            checkpointer,
+            callbacks.HistoryWriter(history_path, start),
+        ]
         if evaluator:
-            cbs.insert(0, callbacks.KnnMonitor(evaluator, config.eval.knn_every_epochs, epochs))
+            cbs.insert(1, callbacks.KnnMonitor(evaluator, config.eval.knn_every_epochs, epochs))
         cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tb"), update_freq="epoch"))
-        net.fit(
-            dataset,
-            epochs=epochs,
-            steps_per_epoch=steps,
-            initial_epoch=initial_epoch,
-            callbacks=cbs,
-            verbose=config.train.verbose,
-            shuffle=False,  # the pipeline shuffles, seeded per epoch
-        )
+        fit_kwargs = dict(callbacks=cbs, verbose=config.train.verbose, shuffle=False)
+        if initial_batch:
+            # Finish the interrupted epoch first: a fit over just its remaining batches.
+            logging.info("Resuming epoch %d at batch %d", initial_epoch + 1, initial_batch)
+            net.fit(
+                dataset(initial_epoch, 1, initial_batch),
+                epochs=initial_epoch + 1,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps - initial_batch,
+                **fit_kwargs,
+            )
+            initial_epoch += 1
+        if initial_epoch < epochs and not checkpointer.preempted:
+            net.fit(
+                dataset(initial_epoch, epochs - initial_epoch),
+                epochs=epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps,
+                **fit_kwargs,
+            )
+        if checkpointer.preempted:
+            raise Preempted(f"stopped by SIGTERM at step {checkpointer.step}; rerun to resume")
     else:
         logging.info("%s already holds all %d epochs", workdir, epochs)
     net.backbone.save_weights(os.path.join(workdir, "backbone.weights.h5"))
     return write_summary(workdir, net.proj_dim, time.time() - start)
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after saving a checkpoint."""
 
 
 def write_summary(workdir: str, proj_dim: int, wall_seconds: float) -> dict:

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from simsiam_tf import train
+from simsiam_tf import callbacks, train
 from simsiam_tf.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
@@ -25,6 +25,11 @@ def main(argv):
         summary = train.train(_CONFIG.value, _WORKDIR.value)
     except ConfigError as err:
         sys.exit(f"error: {err}")
+    except callbacks.NonFiniteLossError as err:
+        sys.exit(f"error: {err}")
+    except train.Preempted as err:
+        logging.warning("%s", err)
+        sys.exit(143)
     logging.info("summary: %s", summary)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
 
