@@ -1,0 +1,77 @@
+"""Synchronised BN across replicas, mixed precision and XLA."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import data, train
+from tests.helpers import tiny_config
+
+
+def test_synchronized_bn_uses_the_global_batch_statistics():
+    """On 2 replicas, each holding half of a batch whose halves differ, a synchronised BN
+    normalises with the statistics of the whole batch; a plain BN with those of its half."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (8, 4)), rng.normal(5, 3, (8, 4))]).astype(np.float32)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    def run(synchronized):
+        with strategy.scope():
+            bn = keras.layers.BatchNormalization(
+                synchronized=synchronized, momentum=0.0, epsilon=1e-5, center=False, scale=False
+            )
+            bn.build((None, 4))
+        dist = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(x))
+        out = strategy.run(lambda b: bn(b, training=True), args=(next(iter(dist)),))
+        return np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)]), bn
+
+    synced, bn = run(True)
+    want = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(synced, want, atol=1e-4)
+    # momentum 0: the moving statistics are the last batch's, i.e. the global ones.
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x.mean(0), atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), x.var(0), rtol=1e-3)
+    local, _ = run(False)
+    half = x[:8]
+    np.testing.assert_allclose(
+        local[:8], (half - half.mean(0)) / np.sqrt(half.var(0) + 1e-5), atol=1e-4
+    )
+    assert not np.allclose(local, want, atol=1e-2)
+
+
+def _one_fit(config):
+    source = data.load_source("builtin:digits", "train", max_examples=64)
+    net, _ = train.build_model_and_optimizer(config, steps_per_epoch=2)
+    ds = data.pretrain_dataset(source, config.data, config.aug, 32, seed=0, num_epochs=1)
+    history = net.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+    return net, history.history["loss"][-1]
+
+
+@pytest.mark.parametrize(
+    "precision,jit,photometric",
+    [
+        ("mixed_float16", False, "cpu"),
+        ("mixed_bfloat16", False, "cpu"),
+        ("float32", True, "cpu"),
+        ("float32", True, "device"),
+        ("mixed_bfloat16", True, "device"),
+    ],
+)
+def test_a_step_runs_with_a_finite_float32_loss(precision, jit, photometric):
+    c = tiny_config()
+    c.data.image_size = 16
+    c.data.photometric = photometric
+    c.train.precision = precision
+    c.train.jit_compile = jit
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        net, loss = _one_fit(c)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(loss) and -1.0 <= loss <= 1.0
+    if precision != "float32":
+        assert net.backbone.get_layer("conv1").compute_dtype == precision.split("_")[1]
+        assert net.backbone.get_layer("conv1").kernel.dtype == "float32"  # master weights
+    if precision == "mixed_float16":
+        assert isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer)
