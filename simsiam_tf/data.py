@@ -6,6 +6,8 @@ Sources, named by `data.source`:
   folder:PATH      an image folder, class-per-subfolder or flat, JPEG/PNG/GIF/BMP; a `train` or
                    `test` subfolder is used for that split when present
   tfds:NAME        a TensorFlow Datasets builder (cifar10, imagenet2012, ...)
+  tfrecord:DIR     sharded TFRecords written by tools/make_tfrecords.py (or a glob of them),
+                   read as a stream, sharded by file over workers
 
 Each image is read once per epoch and both views are cut from it, each with its own random
 draw (never one draw per batch). Every random number is keyed by (seed, epoch, batch or
@@ -25,7 +27,7 @@ from absl import logging
 from simsiam_tf import augment
 from simsiam_tf.errors import ConfigError
 
-SOURCE_KINDS = ("builtin", "folder", "tfds")
+SOURCE_KINDS = ("builtin", "folder", "tfds", "tfrecord")
 BUILTINS = ("digits",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 # Sources whose decoded images take less than this are held in memory as one array.
@@ -64,7 +66,7 @@ def parse_source(spec: str) -> tuple[str, str]:
     if not sep or kind not in SOURCE_KINDS or not arg:
         raise ConfigError(
             f"data.source={spec!r} is not understood; expected one of "
-            f"'builtin:{'|'.join(BUILTINS)}', 'folder:PATH', 'tfds:NAME'"
+            f"'builtin:{'|'.join(BUILTINS)}', 'folder:PATH', 'tfds:NAME', 'tfrecord:DIR'"
         )
     if kind == "builtin" and arg not in BUILTINS:
         raise ConfigError(
@@ -80,6 +82,7 @@ def load_source(
     seed: int = 0,
     tfds_data_dir: Optional[str] = None,
     tfds_download: bool = True,
+    shard: tuple = (0, 1),
 ) -> Optional[Source]:
     """Loads one split of the source named by `spec`; None when the source has no such split.
 
@@ -89,14 +92,18 @@ def load_source(
       max_examples: keep a seeded random subset of this many examples (0: all).
       seed: seed of that subset.
       tfds_data_dir, tfds_download: where TFDS keeps data, and whether it may download.
+      shard: (index, count): for TFRecords, read every count-th shard file from index (one
+        share per worker).
     """
     kind, arg = parse_source(spec)
     if kind == "builtin":
         source = _load_digits(split)
     elif kind == "folder":
         source = _load_folder(arg, split)
-    else:
+    elif kind == "tfds":
         source = _load_tfds(arg, split, tfds_data_dir, tfds_download)
+    else:
+        source = _load_tfrecords(arg, split, seed, shard)
     if source is not None and 0 < max_examples < source.num_examples:
         source = _subset(source, max_examples, seed)
     return source
@@ -258,6 +265,22 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
         num_classes=num_classes,
         labels=np.full(num_examples, -1, np.int64),
         tfds_dataset=ds,
+    )
+
+
+def _load_tfrecords(arg: str, split: str, seed: int, shard: tuple) -> Optional[Source]:
+    from simsiam_tf import tfrecords
+
+    records = tfrecords.find_records(arg, split, *shard)
+    if records is None:
+        return None
+    return Source(
+        name=f"tfrecord:{arg}/{split}",
+        num_examples=records.num_examples,
+        num_classes=records.num_classes,
+        labels=np.full(records.num_examples, -1, np.int64),
+        tfds_dataset=tfrecords.record_dataset(records.files, seed),
+        class_names=records.class_names,
     )
 
 
