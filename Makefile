@@ -10,9 +10,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 install: $(STAMP)
 
-$(STAMP): $(REQUIREMENTS) requirements-common.txt pyproject.toml
+$(STAMP): $(REQUIREMENTS) requirements-common.txt requirements-serving.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r $(REQUIREMENTS)
+	$(PY) -m pip install --quiet --no-deps -r requirements-serving.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 

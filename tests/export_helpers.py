@@ -1,0 +1,210 @@
+"""Shared by the export, serving-client and embed tests: a tiny trained run and its export
+(made once per session), what TF Serving does with a request, and hand-made hostile images.
+
+Run as a script it is the "fresh process" of the tests: it loads an export with TensorFlow
+alone (no simsiam_tf import) and answers the request files it is given:
+
+    python -m tests.export_helpers SAVED_MODEL OUT.npz NAME=KIND:SIGNATURE:FILE ...
+
+KIND is npy (a .npy input for SIGNATURE), rest (a JSON body) or grpc (a serialized
+PredictRequest); OUT.npz gets NAME/OUTPUT arrays, and NAME/error with the message when the
+model refused the request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import struct
+import sys
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+_CACHE = {}
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny run and its exports, once per test session.
+
+
+def tiny_run(tmp_path_factory) -> str:
+    """A run directory as tools/train.py leaves it (config.json, checkpoints/,
+    backbone.weights.h5), from a few real training steps of a tiny cnn_small on the digits."""
+    if "run" not in _CACHE:
+        from simsiam_tf import train
+        from tests.helpers import tiny_config
+
+        c = tiny_config()
+        c.data.image_size = 16
+        c.optim.batch_size = 32
+        c.optim.epochs = 1
+        c.train.steps_per_epoch = 3
+        c.train.verbose = 0
+        c.eval.max_bank = 100
+        c.eval.max_queries = 50
+        c.eval.random_init_knn = False
+        workdir = str(tmp_path_factory.mktemp("tiny_run"))
+        train.train(c, workdir)
+        _CACHE["run"] = workdir
+    return _CACHE["run"]
+
+
+def exported(tmp_path_factory, projection: bool = False) -> str:
+    """Version 1 of an export of the tiny run (with the projector when asked)."""
+    key = ("export", projection)
+    if key not in _CACHE:
+        from simsiam_tf import export
+
+        base = tmp_path_factory.mktemp("exports") / "simsiam"
+        run = tiny_run(tmp_path_factory)
+        _CACHE[key] = export.export(run, str(base), projection=projection)
+    return _CACHE[key]
+
+
+def encoder(tmp_path_factory, projection: bool = False):
+    """The in-memory encoder of the tiny run."""
+    key = ("encoder", projection)
+    if key not in _CACHE:
+        from simsiam_tf import export
+
+        _CACHE[key] = export.load_encoder(tiny_run(tmp_path_factory), projection)
+    return _CACHE[key]
+
+
+def reference_from_bytes(enc, encoded) -> dict:
+    """The in-memory encoder on encoded images: decode, then the evaluation-time path."""
+    from simsiam_tf import data
+
+    rows = [enc(data.decode_rgb(e)[None]) for e in encoded]
+    return {k: np.concatenate([r[k].numpy() for r in rows]) for k in rows[0]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Real photos and hostile images.
+
+
+def sample_photos() -> dict:
+    """scikit-learn's two bundled JPEG photos (china.jpg, flower.jpg; 427x640), as file bytes."""
+    import sklearn
+
+    folder = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
+    out = {}
+    for name in ("china.jpg", "flower.jpg"):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def jpeg_with_size(jpeg: bytes, height: int, width: int) -> bytes:
+    """A real baseline JPEG whose SOF0 frame header is patched to declare height x width."""
+    sof = jpeg.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    return jpeg[: sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9 :]
+
+
+def png_with_size(png: bytes, height: int, width: int) -> bytes:
+    """A real PNG whose IHDR declares height x width, with a correct chunk CRC."""
+    assert png[12:16] == b"IHDR"
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
+# ------------------------------------------------------------------------------------------------
+# What TF Serving does with a request.
+
+
+def rest_inputs(body: str, input_name: str, dtype: tf.DType) -> dict:
+    """TF Serving's decoding of a REST predict body (row format, one input): the instances
+    stacked into one tensor of the signature's dtype, {"b64": ...} objects decoded to bytes."""
+    request = json.loads(body)
+    instances = request["instances"]
+    if instances and isinstance(instances[0], dict) and "b64" not in instances[0]:
+        instances = [i[input_name] for i in instances]  # named form: [{"name": value}, ...]
+    if instances and isinstance(instances[0], dict):
+        return {input_name: np.array([base64.b64decode(i["b64"]) for i in instances], object)}
+    return {input_name: np.array(instances, dtype=dtype.as_numpy_dtype)}
+
+
+def grpc_inputs(serialized: bytes) -> tuple[str, dict]:
+    """A serialized PredictRequest -> (signature name, {input name: array})."""
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest.FromString(serialized)
+    inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+    return request.model_spec.signature_name or "serving_default", inputs
+
+
+class SessionModel:
+    """A SavedModel loaded as TF Serving loads it: the TF1 loader into a Session, called by
+    feeding and fetching the tensor names of a SignatureDef."""
+
+    def __init__(self, path: str):
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        with self.graph.as_default():
+            meta = tf.compat.v1.saved_model.loader.load(self.session, ["serve"], path)
+        self.signatures = dict(meta.signature_def)
+
+    def input_spec(self, signature: str) -> tuple[str, tf.DType]:
+        """(name, dtype) of the signature's one input."""
+        [(name, info)] = self.signatures[signature].inputs.items()
+        return name, tf.as_dtype(info.dtype)
+
+    def predict(self, signature: str, inputs: dict) -> dict:
+        sig = self.signatures[signature]
+        feeds = {sig.inputs[k].name: v for k, v in inputs.items()}
+        fetches = {k: v.name for k, v in sig.outputs.items()}
+        return self.session.run(fetches, feeds)
+
+    def close(self):
+        self.session.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The fresh process.
+
+
+def _input_spec(loaded, signature: str) -> tf.TensorSpec:
+    [spec] = loaded.signatures[signature].structured_input_signature[1].values()
+    return spec
+
+
+def _main(argv) -> None:
+    saved_model, out = argv[1], argv[2]
+    loaded = tf.saved_model.load(saved_model)
+    results = {}
+    for spec in argv[3:]:
+        name, _, rest = spec.partition("=")
+        kind, signature, path = rest.split(":", 2)
+        if kind == "npy":
+            inputs = {_input_spec(loaded, signature).name: np.load(path, allow_pickle=True)}
+        elif kind == "rest":
+            with open(path) as f:
+                body = f.read()
+            signature = json.loads(body).get("signature_name", "serving_default")
+            spec = _input_spec(loaded, signature)
+            inputs = rest_inputs(body, spec.name, spec.dtype)
+        else:
+            with open(path, "rb") as f:
+                signature, inputs = grpc_inputs(f.read())
+        try:
+            outputs = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+            results.update({f"{name}/{k}": v.numpy() for k, v in outputs.items()})
+        except tf.errors.InvalidArgumentError as err:
+            results[f"{name}/error"] = np.array(err.message)
+    np.savez(out, **results)
+
+
+if __name__ == "__main__":
+    _main(sys.argv)

@@ -1,0 +1,472 @@
+"""SavedModel export: versioned atomic layout, signatures that match the in-memory encoder in a
+fresh process and through saved_model_cli, and hostile input refused with InvalidArgument."""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from simsiam_tf import data, export, train
+from tests import export_helpers as eh
+from tests.conftest import REPO
+
+ATOL = 1e-5
+SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return eh.tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    return eh.exported(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory):
+    return eh.encoder(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(saved_model):
+    return tf.saved_model.load(saved_model)
+
+
+@pytest.fixture(scope="module")
+def session_model(saved_model):
+    model = eh.SessionModel(saved_model)
+    yield model
+    model.close()
+
+
+def _snapshot(folder):
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _assert_close(got: dict, want: dict, atol=ATOL):
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=atol, rtol=0)
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout.
+
+
+def test_versions_are_written_aside_then_renamed_and_never_overwritten(run, tmp_path, monkeypatch):
+    base = tmp_path / "models" / "simsiam"
+    first = export.export(run, str(base))
+    assert first == str(base / "1")
+    before = _snapshot(first)
+    assert "saved_model.pb" in before and "assets.extra/tf_serving_warmup_requests" in before
+    (base / ".tmp-9-crashed").mkdir()  # left by a killed export: TF Serving and we ignore it
+    (base / "notes").mkdir()
+
+    written = []
+    real_save = export.save
+
+    def watching_save(functions, path, metadata=None):
+        # While a version is written, only the finished versions carry all-digit names.
+        assert os.path.dirname(path) == str(base) and not os.path.basename(path).isdigit()
+        assert export.versions(str(base)) == [1]
+        real_save(functions, path, metadata)
+        written.append(path)
+
+    monkeypatch.setattr(export, "save", watching_save)
+    second = export.export(run, str(base))
+    assert second == str(base / "2") and not os.path.exists(written[0])
+    assert _snapshot(first) == before  # the first version is untouched
+    _assert_close(
+        tf.saved_model.load(second).signatures["serving_default"](
+            images=tf.constant(export.probe_images(16))
+        ),
+        tf.saved_model.load(first).signatures["serving_default"](
+            images=tf.constant(export.probe_images(16))
+        ),
+        atol=0,
+    )
+
+    with pytest.raises(export.ExportError, match="already exists.*never overwritten"):
+        export.export(run, str(base), version=1)
+    assert _snapshot(first) == before
+    assert sorted(os.listdir(base)) == [".tmp-9-crashed", "1", "2", "notes"]
+
+    # A failure half way leaves neither a version nor a temporary directory.
+    def failing_save(functions, path, metadata=None):
+        with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "save", failing_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export(run, str(base))
+    assert sorted(os.listdir(base)) == [".tmp-9-crashed", "1", "2", "notes"]
+
+
+def test_next_version_is_one_past_the_highest(tmp_path):
+    assert export.versions(str(tmp_path / "missing")) == []
+    for name in ("1", "2", "7", "0012x", ".tmp-13-abc", "latest"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "30").write_text("a file, not a version")
+    assert export.versions(str(tmp_path)) == [1, 2, 7]
+
+
+def test_export_tool_versions_and_refusal(run, tmp_path):
+    base = str(tmp_path / "simsiam")
+    cmd = [sys.executable, "tools/export.py", f"--workdir={run}", f"--export_dir={base}"]
+    proc = subprocess.run(
+        cmd + ["--version=3"], cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == os.path.join(base, "3")
+    proc = subprocess.run(
+        cmd + ["--version=3"], cwd=REPO, capture_output=True, text=True, env=_env(), timeout=600
+    )
+    assert proc.returncode != 0
+    assert "error:" in proc.stderr and "already exists" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(base)) == ["3"]
+
+
+def test_metadata_and_missing_weights(run, saved_model, tmp_path):
+    with open(os.path.join(saved_model, "assets.extra", export.METADATA_FILE)) as f:
+        meta = json.load(f)
+    assert meta["version"] == 1 and meta["image_size"] == 16
+    assert meta["weights"].endswith("backbone.weights.h5")
+    assert meta["outputs"] == [export.EMBEDDING, export.EMBEDDING_NORMALIZED]
+    assert meta["max_pixels"] == export.DEFAULT_MAX_PIXELS
+    assert meta["config"]["model"]["backbone"] == "cnn_small"
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(os.path.join(run, "config.json"), unfinished)
+    with pytest.raises(export.ExportError, match="backbone.weights.h5 not found.*--projection"):
+        export.load_encoder(str(unfinished))
+    with pytest.raises(export.ExportError, match="no checkpoint"):
+        export.load_encoder(str(unfinished), projection=True)
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# Signatures: same numbers as the in-memory encoder, in a fresh process and through the CLI.
+
+
+def test_fresh_process_matches_the_in_memory_encoder(saved_model, enc, tmp_path):
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (3, 20, 28, 3), dtype=np.uint8)  # not the training size
+    small = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)  # smaller than it
+    np.save(tmp_path / "wide.npy", wide)
+    np.save(tmp_path / "small.npy", small)
+    np.save(tmp_path / "wide_float.npy", wide.astype(np.float32))
+    specs = [
+        f"wide=npy:serving_default:{tmp_path / 'wide.npy'}",
+        f"small=npy:serving_default:{tmp_path / 'small.npy'}",
+        f"float=npy:serving_float:{tmp_path / 'wide_float.npy'}",
+    ]
+    out = tmp_path / "out.npz"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.export_helpers", saved_model, str(out), *specs],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    for name, images in (("wide", wide), ("small", small), ("float", wide)):
+        want = {k: v.numpy() for k, v in enc(images).items()}
+        _assert_close({k: got[f"{name}/{k}"] for k in want}, want)
+    norms = np.linalg.norm(got["wide/embedding_normalized"], axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_saved_model_cli_shows_signatures_and_runs_a_npy(saved_model, enc, tmp_path):
+    cli = (
+        [SAVED_MODEL_CLI]
+        if os.path.exists(SAVED_MODEL_CLI)
+        else [
+            sys.executable,
+            "-m",
+            "tensorflow.python.tools.saved_model_cli",
+        ]
+    )
+    proc = subprocess.run(
+        cli + ["show", "--dir", saved_model, "--all"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in export.SIGNATURES:
+        assert f"signature_def['{name}']" in proc.stdout
+    for text in ("inputs['images']", "inputs['image_bytes']", "DT_UINT8", "DT_STRING"):
+        assert text in proc.stdout
+    assert "outputs['embedding']" in proc.stdout
+    assert "outputs['embedding_normalized']" in proc.stdout
+
+    images = np.random.default_rng(1).integers(0, 256, (2, 24, 18, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    outdir = tmp_path / "cli_out"
+    proc = subprocess.run(
+        cli
+        + ["run", "--dir", saved_model, "--tag_set", "serve", "--signature_def"]
+        + ["serving_default", "--inputs", f"images={tmp_path / 'x.npy'}", "--outdir", str(outdir)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = enc(images)
+    for key in (export.EMBEDDING, export.EMBEDDING_NORMALIZED):
+        np.testing.assert_allclose(np.load(outdir / f"{key}.npy"), want[key], atol=ATOL, rtol=0)
+
+
+def test_float_input_is_clipped_like_uint8(loaded):
+    images = np.random.default_rng(2).integers(0, 256, (2, 11, 13, 3), dtype=np.uint8)
+    as_uint8 = loaded.signatures["serving_default"](images=tf.constant(images))
+    as_float = loaded.signatures["serving_float"](images=tf.constant(images.astype(np.float32)))
+    _assert_close(as_float, as_uint8, atol=0)
+    # Out-of-range floats are clipped to [0, 255], exactly as those pixels at 0 and 255.
+    wild = images.astype(np.float32)
+    wild[..., 0] = np.where(images[..., 0] > 127, 300.0, -40.0)
+    clipped = images.copy()
+    clipped[..., 0] = np.where(images[..., 0] > 127, 255, 0)
+    _assert_close(
+        loaded.signatures["serving_float"](images=tf.constant(wild)),
+        loaded.signatures["serving_default"](images=tf.constant(clipped)),
+        atol=0,
+    )
+
+
+def test_centre_crop_preprocessing_any_size(run, tmp_path):
+    """A run evaluated with eval_crop_fraction 0.875 (resize the shorter side, centre-crop):
+    the export reproduces that path for images of any shape."""
+    crop_run = tmp_path / "crop_run"
+    shutil.copytree(run, crop_run)
+    with open(crop_run / "config.json") as f:
+        config = json.load(f)
+    config["data"]["eval_crop_fraction"] = 0.875
+    with open(crop_run / "config.json", "w") as f:
+        json.dump(config, f)
+    path = export.export(str(crop_run), str(tmp_path / "m"))  # checks itself before the rename
+    enc = export.load_encoder(str(crop_run))
+    assert enc.crop_fraction == 0.875
+    serve = tf.saved_model.load(path).signatures
+    rng = np.random.default_rng(3)
+    for shape in ((1, 37, 23, 3), (2, 16, 16, 3), (1, 5, 90, 3), (1, 1, 1, 3)):
+        images = rng.integers(0, 256, shape, dtype=np.uint8)
+        _assert_close(serve["serving_default"](images=tf.constant(images)), enc(images))
+        encoded = [eh.encode(im, "PNG") for im in images]
+        _assert_close(
+            serve["serving_bytes"](image_bytes=tf.constant(encoded)),
+            eh.reference_from_bytes(enc, encoded),
+        )
+
+
+def test_projection_export_matches_the_training_checkpoint(tmp_path_factory, run, loaded):
+    path = eh.exported(tmp_path_factory, projection=True)
+    serve = tf.saved_model.load(path).signatures
+    config = train.load_config(run)
+    net, opt = train.build_model_and_optimizer(config, steps_per_epoch=1)
+    latest = tf.train.latest_checkpoint(os.path.join(run, "checkpoints"))
+    tf.train.Checkpoint(model=net, optimizer=opt).restore(latest).assert_existing_objects_matched()
+    images = np.random.default_rng(4).integers(0, 256, (3, 19, 17, 3), dtype=np.uint8)
+    x = data.eval_preprocess(images, config.data.image_size, config.data.eval_crop_fraction)
+    embedding = net.backbone(x, training=False)
+    got = serve["serving_default"](images=tf.constant(images))
+    assert set(got) == {export.EMBEDDING, export.EMBEDDING_NORMALIZED, export.PROJECTION}
+    np.testing.assert_allclose(got[export.EMBEDDING], embedding, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(
+        got[export.PROJECTION], net.projector(embedding, training=False), atol=ATOL, rtol=0
+    )
+    # The checkpoint's backbone is the one backbone.weights.h5 holds at the end of the run.
+    plain = loaded.signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(got[export.EMBEDDING], plain[export.EMBEDDING], atol=ATOL, rtol=0)
+
+
+def test_warmup_requests_replay_in_a_tf_serving_style_session(saved_model, session_model):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    warmup = os.path.join(saved_model, "assets.extra", export.WARMUP_FILE)
+    signatures = []
+    for record in tf.data.TFRecordDataset(warmup):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        out = session_model.predict(request.model_spec.signature_name, inputs)
+        assert out[export.EMBEDDING].shape == (2, 32)
+        signatures.append(request.model_spec.signature_name)
+    assert sorted(signatures) == sorted(export.SIGNATURES)
+
+
+def test_verify_catches_a_mismatch(saved_model, run):
+    other = export.load_encoder(run)
+    other.backbone.get_layer("conv1").kernel.assign_add(
+        tf.ones_like(other.backbone.get_layer("conv1").kernel)
+    )
+    with pytest.raises(export.ExportError, match="differs from the in-memory encoder"):
+        export.verify(saved_model, other)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile input: InvalidArgument from the graph, in Python and as TF Serving runs it.
+
+
+def _photo_jpeg():
+    return eh.sample_photos()["china.jpg"]
+
+
+def _small_png():
+    image = np.random.default_rng(5).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    return eh.encode(image, "PNG")
+
+
+def _hostile_cases():
+    jpeg = _photo_jpeg()
+    png = _small_png()
+    tiny_png = eh.encode(np.zeros((1, 1, 3), np.uint8), "PNG")
+    zeros = lambda *shape: np.zeros(shape, np.uint8)
+    return {
+        # serving_bytes
+        "empty bytes batch": ("serving_bytes", np.array([], object), "empty batch"),
+        "scalar bytes": ("serving_bytes", np.array(jpeg, object), "must be a batch"),
+        "bytes rank 2": ("serving_bytes", np.array([[jpeg]], object), "must be a batch"),
+        "non-image bytes": (
+            "serving_bytes",
+            np.array([b"GET / HTTP/1.1\r\n"], object),
+            "not a JPEG or PNG",
+        ),
+        "empty string": ("serving_bytes", np.array([b""], object), "not a JPEG or PNG"),
+        "GIF refused": (
+            "serving_bytes",
+            np.array([eh.encode(zeros(4, 4, 3), "GIF")], object),
+            "not a JPEG or PNG",
+        ),
+        "truncated JPEG": ("serving_bytes", np.array([jpeg[: len(jpeg) // 2]], object), "JPEG"),
+        "JPEG header only": ("serving_bytes", np.array([jpeg[:200]], object), "JPEG"),
+        "truncated PNG": ("serving_bytes", np.array([png[: len(png) // 2]], object), "PNG"),
+        "PNG signature only": ("serving_bytes", np.array([png[:20]], object), "truncated PNG"),
+        "JPEG declaring 30000x30000": (
+            "serving_bytes",
+            np.array([eh.jpeg_with_size(jpeg, 30000, 30000)], object),
+            "larger than the 40000000 pixels",
+        ),
+        "PNG declaring 30000x30000": (
+            "serving_bytes",
+            np.array([eh.png_with_size(png, 30000, 30000)], object),
+            "larger than the 40000000 pixels",
+        ),
+        "PNG declaring 2^31-1 x 2^31-1": (
+            "serving_bytes",
+            np.array([eh.png_with_size(png, 2**31 - 1, 2**31 - 1)], object),
+            "larger than",
+        ),
+        "one bad image among good ones": (
+            "serving_bytes",
+            np.array([png, b"\xff\xd8\xff garbage", png], object),
+            "JPEG",
+        ),
+        "too many images": (
+            "serving_bytes",
+            np.array([tiny_png] * 257, object),
+            "batch larger than the 256",
+        ),
+        # serving_default
+        "empty image batch": ("serving_default", zeros(0, 8, 8, 3), "empty batch"),
+        "one image without batch": ("serving_default", zeros(8, 8, 3), "must be a batch"),
+        "rank 5": ("serving_default", zeros(1, 1, 8, 8, 3), "must be a batch"),
+        "scalar": ("serving_default", np.uint8(7), "must be a batch"),
+        "4 channels": ("serving_default", zeros(1, 8, 8, 4), "3 channels"),
+        "1 channel": ("serving_default", zeros(1, 8, 8, 1), "3 channels"),
+        "zero width": ("serving_default", zeros(1, 8, 0, 3), "width must be at least 1"),
+        "too many tiny images": ("serving_default", zeros(257, 1, 1, 3), "batch larger than"),
+        # serving_float
+        "NaN": ("serving_float", np.full((1, 8, 8, 3), np.nan, np.float32), "finite"),
+        "inf": ("serving_float", np.full((1, 8, 8, 3), np.inf, np.float32), "finite"),
+        "float wrong rank": ("serving_float", np.zeros((8, 8, 3), np.float32), "must be a batch"),
+    }
+
+
+HOSTILE = _hostile_cases()
+
+
+def test_hand_made_headers_declare_huge_images():
+    """The patched files are otherwise real: libjpeg reads 30000 x 30000 from the JPEG's frame
+    header, and the PNG's IHDR chunk carries a valid CRC."""
+    huge_jpeg = HOSTILE["JPEG declaring 30000x30000"][1][0]
+    assert list(tf.io.extract_jpeg_shape(huge_jpeg).numpy()) == [30000, 30000, 3]
+    huge_png = HOSTILE["PNG declaring 30000x30000"][1][0]
+    assert struct.unpack(">II", huge_png[16:24]) == (30000, 30000)
+    assert struct.unpack(">I", huge_png[29:33])[0] == zlib.crc32(huge_png[12:29])
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_input_is_refused_by_the_signature(case, loaded, session_model):
+    signature, value, message = HOSTILE[case]
+    input_name = export.SIGNATURE_INPUTS[signature]
+    peak = _peak_rss_mb()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        loaded.signatures[signature](**{input_name: tf.constant(value)})
+    # TF Serving feeds the request to the SignatureDef's tensors in a TF1 session.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        session_model.predict(signature, {input_name: value})
+    # A header declaring 30000 x 30000 would take 2.7 GB to decode: it is refused unread.
+    assert _peak_rss_mb() - peak < 300
+
+
+def test_good_requests_still_work_after_hostile_ones(loaded, session_model, enc):
+    photos = list(eh.sample_photos().values())
+    want = eh.reference_from_bytes(enc, photos)
+    _assert_close(loaded.signatures["serving_bytes"](image_bytes=tf.constant(photos)), want)
+    _assert_close(
+        session_model.predict("serving_bytes", {"image_bytes": np.array(photos, object)}), want
+    )
+
+
+def test_limits_are_configurable(enc):
+    functions = export.ServingFunctions(enc, max_pixels=100, max_batch=2)
+    serve = tf.function(
+        functions.serving_default, input_signature=[export.INPUT_SPECS["serving_default"]]
+    )
+    serve_bytes = tf.function(
+        functions.serving_bytes, input_signature=[export.INPUT_SPECS["serving_bytes"]]
+    )
+    assert serve(tf.zeros((2, 10, 10, 3), tf.uint8))[export.EMBEDDING].shape == (2, 32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the 100 pixels"):
+        serve(tf.zeros((1, 10, 11, 3), tf.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="batch larger than the 2 images"):
+        serve(tf.zeros((3, 4, 4, 3), tf.uint8))
+    png = eh.encode(np.zeros((11, 10, 3), np.uint8), "PNG")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the 100 pixels"):
+        serve_bytes(tf.constant([png]))
+    for bad in (dict(max_pixels=0), dict(max_batch=0)):
+        with pytest.raises(export.ExportError, match="must be a positive"):
+            export.ServingFunctions(enc, **bad)

@@ -1,0 +1,55 @@
+"""Exports a trained run's encoder as a new version of a TF Serving model.
+
+  python tools/export.py --workdir=runs/cifar10 --export_dir=exports/simsiam [--version=N]
+      [--projection] [--max_pixels=40000000] [--max_batch=256]
+
+Writes exports/simsiam/<N>/ (N: one past the highest existing version unless given; an existing
+version is never overwritten) through a temporary directory that is renamed once the SavedModel
+is complete and checked, so a TF Serving watching exports/simsiam never loads half a version.
+Signatures and their inputs and outputs: docs/SERVING.md.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from simsiam_tf import export
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a (finished) pretraining run.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "The model's base path, DIR/NAME; versions are written below it."
+)
+_VERSION = flags.DEFINE_integer("version", None, "Version number; default: the next free one.")
+_PROJECTION = flags.DEFINE_boolean(
+    "projection",
+    False,
+    "Also output the projector's z as `projection` (restores the latest checkpoint).",
+)
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max_pixels", export.DEFAULT_MAX_PIXELS, "Largest image (height x width) a request may hold."
+)
+_MAX_BATCH = flags.DEFINE_integer(
+    "max_batch", export.DEFAULT_MAX_BATCH, "Largest number of images in one request."
+)
+flags.mark_flags_as_required(["workdir", "export_dir"])
+
+
+def main(argv):
+    del argv
+    try:
+        path = export.export(
+            _WORKDIR.value,
+            _EXPORT_DIR.value,
+            version=_VERSION.value,
+            projection=_PROJECTION.value,
+            max_pixels=_MAX_PIXELS.value,
+            max_batch=_MAX_BATCH.value,
+        )
+    except (export.ExportError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    logging.info("SavedModel written to %s", path)
+    print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
