@@ -48,3 +48,53 @@ def make_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
         logging.info("MirroredStrategy over %d logical CPU devices", len(devices))
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    jobs = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return max(1, len(jobs.get("worker", [])) + len(jobs.get("chief", [])))
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one process that writes the run directory: the chief, else worker 0."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or num_workers(strategy) == 1:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return (
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and ("chief" not in resolver.cluster_spec().as_dict())
+    )
+
+
+def distribute_batches(strategy, make_dataset, global_batch: int, shards_by_file: bool = False):
+    """Input for `fit` under `strategy`, from `make_dataset(shard)` -> a tf.data.Dataset.
+
+    One worker: the dataset of global batches itself (Keras splits each batch over the local
+    replicas). Several workers (MultiWorkerMirroredStrategy): each worker reads only its share.
+    With `shards_by_file` (TFRecords), `make_dataset((index, count))` reads that worker's shard
+    files and yields per-worker batches; otherwise every worker builds the same global batch
+    and keeps rows [index * B/W, (index + 1) * B/W) of it, so that W workers see exactly the
+    batch one process would (the per-image random draws included), as tf.data's DATA sharding
+    does. Per-worker batches are then cut into per-replica ones.
+    """
+    workers = num_workers(strategy)
+    if workers == 1:
+        return make_dataset((0, 1))
+
+    def per_worker(ctx: tf.distribute.InputContext):
+        per_worker_batch = global_batch // ctx.num_input_pipelines
+        index = ctx.input_pipeline_id
+        if shards_by_file:
+            ds = make_dataset((index, ctx.num_input_pipelines))
+        else:
+            lo, hi = index * per_worker_batch, (index + 1) * per_worker_batch
+            ds = make_dataset((0, 1)).map(
+                lambda batch: tf.nest.map_structure(lambda t: t[lo:hi], batch)
+            )
+        return ds.rebatch(ctx.get_per_replica_batch_size(global_batch))
+
+    return strategy.distribute_datasets_from_function(per_worker)

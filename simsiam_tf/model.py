@@ -291,6 +291,15 @@ class SimSiam(keras.Model):
         loss = losses.simsiam_loss(p1, p2, z1, z2, self.stop_gradient, self.symmetric)
         return loss, z1_monitor, p1
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (3.15) first reduces a sample batch over the replicas, which fails for dict
+        # batches under MultiWorkerMirroredStrategy; SimSiam and its optimizer are built before
+        # fit, so there is nothing to build and the step is skipped.
+        built = all(layer.built for layer in self._flatten_layers())
+        if built and self.optimizer is not None and self.optimizer.built:
+            return
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def train_step(self, data):
         with tf.GradientTape() as tape:
             loss, z1, p1 = self.compute_simsiam_loss(data, training=True)
@@ -307,14 +316,22 @@ class SimSiam(keras.Model):
         self.p_std_tracker.update_state(losses.channel_std(p1))
         logs = {m.name: m.result() for m in self.metrics}
         logs["lr"] = self.optimizer.learning_rate
-        return logs
+        return _for_keras_reduction(logs)
 
     def test_step(self, data):
         loss, z1, p1 = self.compute_simsiam_loss(data, training=False)
         self.loss_tracker.update_state(loss)
         self.z_std_tracker.update_state(losses.channel_std(z1))
         self.p_std_tracker.update_state(losses.channel_std(p1))
-        return {m.name: m.result() for m in self.metrics}
+        return _for_keras_reduction({m.name: m.result() for m in self.metrics})
+
+
+def _for_keras_reduction(logs: dict) -> dict:
+    """Under MultiWorkerMirroredStrategy Keras (3.15) averages returned logs over replicas
+    along axis 0, which a scalar lacks: there they get a leading axis of 1."""
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {k: tf.reshape(v, (1,)) for k, v in logs.items()}
+    return logs
 
 
 def build_simsiam(model_config, augmenter=None) -> SimSiam:

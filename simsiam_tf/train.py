@@ -69,6 +69,8 @@ def build_model_and_optimizer(config, steps_per_epoch: int, strategy=None):
             augment.PhotometricAugment(config.aug) if config.data.photometric == "device" else None
         )
         net = model.build_simsiam(config.model, augmenter)
+        size = config.data.image_size
+        net(tf.zeros((1, size, size, 3)))  # builds every layer before fit
         opt = optim.build_optimizer(
             config.optim,
             config.optim.batch_size,
@@ -113,6 +115,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
+    workers = distribute.num_workers(strategy)
+    if not distribute.is_chief(strategy):
+        # Every worker takes part in every step and save; only the chief writes WORKDIR.
+        workdir = os.path.join(workdir, ".workers", str(strategy.cluster_resolver.task_id))
     os.makedirs(workdir, exist_ok=True)
     write_config(config, workdir)
 
@@ -122,6 +128,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     global_batch = config.optim.batch_size
     steps = source.num_examples // global_batch
+    # Several workers on TFRecords: each reads its own shard files (per-worker batches).
+    by_file = workers > 1 and data.parse_source(d.source)[0] == "tfrecord"
+    if by_file:
+        shares = [
+            data.load_source(d.source, "train", 0, config.seed, shard=(w, workers))
+            for w in range(workers)
+        ]
+        steps = min(share.num_examples for share in shares) // (global_batch // workers)
     if config.train.steps_per_epoch:
         steps = min(steps, config.train.steps_per_epoch)
     if steps == 0:
@@ -149,7 +163,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.train.backup_every_steps,
     )
     initial_epoch, initial_batch = checkpointer.restore()
-    evaluator = make_knn_evaluator(config)
+    evaluator = make_knn_evaluator(config) if workers == 1 else None
+    if workers > 1:
+        logging.info("%d workers: no kNN during training; run tools/eval_knn.py after", workers)
 
     random_init_path = os.path.join(workdir, "random_init.json")
     if evaluator and config.eval.random_init_knn and not os.path.exists(random_init_path):
@@ -164,17 +180,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if initial_epoch < epochs:
 
         def dataset(first_epoch, num_epochs, first_batch=0):
-            return data.pretrain_dataset(
-                source,
-                d,
-                config.aug,
-                global_batch,
-                config.seed,
-                first_epoch,
-                num_epochs,
-                steps,
-                first_batch,
-            )
+            def make(shard):
+                src, batch = source, global_batch
+                if by_file:
+                    src, batch = shares[shard[0]], global_batch // workers
+                return data.pretrain_dataset(
+                    src,
+                    d,
+                    config.aug,
+                    batch,
+                    config.seed,
+                    first_epoch,
+                    num_epochs,
+                    steps,
+                    first_batch,
+                )
+
+            return distribute.distribute_batches(strategy, make, global_batch, by_file)
 
         e = config.eval
         monitor = collapse.CollapseMonitor(

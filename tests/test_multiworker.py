@@ -1,0 +1,119 @@
+"""MultiWorkerMirroredStrategy: 2 worker processes on 127.0.0.1 train in lockstep and end where
+one process training on the same global batches ends."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = os.path.join(REPO, "tests", "multiworker_step.py")
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _env(tf_config=None):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if tf_config:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return env
+
+
+def _weights(path):
+    with np.load(path) as f:
+        return float(f["loss"]), [
+            f[k] for k in sorted(f.files, key=lambda k: (len(k), k)) if k != "loss"
+        ]
+
+
+def test_two_workers_match_each_other_and_a_single_process(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        cfg = {"cluster": cluster, "task": {"type": "worker", "index": i}}
+        out = str(tmp_path / f"worker{i}.npz")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, SCRIPT, out, REPO],
+                cwd=REPO,
+                env=_env(cfg),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "workers 2 chief True" in outputs[0][0] and "workers 2 chief False" in outputs[1][0]
+    single = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path / "single.npz"), REPO],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    loss0, w0 = _weights(tmp_path / "worker0.npz")
+    loss1, w1 = _weights(tmp_path / "worker1.npz")
+    loss_s, ws = _weights(tmp_path / "single.npz")
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)  # lockstep: identical on both workers
+    for a, b in zip(w0, ws):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # = one process on the global batch
+    assert abs(loss0 - loss_s) < 1e-5
+
+
+@pytest.mark.slow
+def test_train_tool_on_two_workers_writes_one_run_directory(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    workdir = str(tmp_path / "run")
+    args = [
+        "tools/train.py",
+        f"--workdir={workdir}",
+        "--config=configs/quickstart.py",
+        "--config.model.width=8",
+        "--config.model.proj_dim=64",
+        "--config.model.proj_hidden=64",
+        "--config.model.pred_hidden=16",
+        "--config.optim.batch_size=32",
+        "--config.optim.epochs=2",
+        "--config.optim.warmup_epochs=0",
+        "--config.train.steps_per_epoch=3",
+        "--config.train.verbose=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            text=True,
+            env=_env({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert procs[0].returncode == 0, outs[0][1][-3000:]
+    losses = [line for out in outs for line in out[0].splitlines() if line.startswith("epochs=")]
+    assert len(losses) >= 1
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["epochs"] == 2
+    assert os.path.isdir(os.path.join(workdir, ".workers", "1"))  # worker 1 wrote aside
