@@ -74,8 +74,8 @@ DEFAULT_MAX_BATCH = 256
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "simsiam_export.json"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of the only formats serving_bytes accepts
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class ExportError(ValueError):
@@ -229,7 +229,7 @@ class ServingFunctions:
         self.max_pixels = int(max_pixels)
         self.max_batch = int(max_batch)
 
-    def _outputs(self, preprocessed):
+    def _embed(self, preprocessed):
         return _outputs(self.backbone, self.projector, preprocessed)
 
     def _check_batch_size(self, n, what: str) -> list:
@@ -280,7 +280,7 @@ class ServingFunctions:
 
     def serving_default(self, images):
         images = self._checked_batch(images)
-        return self._outputs(data.eval_preprocess(images, self.image_size, self.crop_fraction))
+        return self._embed(data.eval_preprocess(images, self.image_size, self.crop_fraction))
 
     def serving_float(self, images):
         images = self._checked_batch(images)
@@ -288,7 +288,7 @@ class ServingFunctions:
         # Clipped to the uint8 range and not rounded: integer-valued input gives exactly what
         # the same pixels give as uint8 through serving_default.
         images = tf.clip_by_value(finite, 0.0, 255.0)
-        return self._outputs(data.eval_preprocess(images, self.image_size, self.crop_fraction))
+        return self._embed(data.eval_preprocess(images, self.image_size, self.crop_fraction))
 
     def serving_bytes(self, image_bytes):
         rank = tf.debugging.assert_rank(
@@ -305,12 +305,12 @@ class ServingFunctions:
             fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32),
             parallel_iterations=DECODE_PARALLELISM,
         )
-        return self._outputs(images)
+        return self._embed(images)
 
     def _decode_one(self, encoded):
         """One encoded image -> preprocessed float size x size x 3, its header checked first."""
-        is_jpeg = tf.strings.substr(encoded, 0, len(_JPEG_MAGIC)) == _JPEG_MAGIC
-        is_png = tf.strings.substr(encoded, 0, len(_PNG_MAGIC)) == _PNG_MAGIC
+        is_jpeg = tf.strings.substr(encoded, 0, len(JPEG_MAGIC)) == JPEG_MAGIC
+        is_png = tf.strings.substr(encoded, 0, len(PNG_MAGIC)) == PNG_MAGIC
         # decode_image also reads GIF, BMP, WebP and JPEG XL: refused here, so no format whose
         # size is not checked first reaches a decoder.
         known = tf.debugging.Assert(

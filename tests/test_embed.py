@@ -48,10 +48,7 @@ def folder(tmp_path):
 
 
 def _reference(enc, paths):
-    from simsiam_tf import data
-
-    rows = [enc(data.decode_rgb(open(p, "rb").read())[None])["embedding"].numpy() for p in paths]
-    return np.concatenate(rows)
+    return eh.reference_from_bytes(enc, [open(p, "rb").read() for p in paths])["embedding"]
 
 
 def test_embed_folder_then_query(saved_model, enc, folder, tmp_path):

@@ -23,8 +23,6 @@ from absl import app, flags, logging
 
 from simsiam_tf import export
 
-_ACCEPTED_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-
 
 def list_images(root: str) -> list:
     """Image files under root (any depth), sorted, as paths relative to root."""
@@ -64,7 +62,7 @@ def load(path: str):
 
 def as_accepted_bytes(encoded: bytes) -> bytes:
     """JPEG and PNG bytes as they are; other formats (GIF first frame, BMP) re-encoded as PNG."""
-    if encoded.startswith(_ACCEPTED_MAGIC):
+    if encoded.startswith((export.JPEG_MAGIC, export.PNG_MAGIC)):
         return encoded
     import tensorflow as tf
 
