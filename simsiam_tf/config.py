@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
         tfds_data_dir="",
         tfds_download=True,
         eval_crop_fraction=1.0,  # 1: resize; 0.875: resize to size/0.875 and centre-crop
+        check_images=True,  # image folders: decode every file once up front, skip broken ones
+        strict=False,  # with check_images: fail on a broken file instead of skipping it
     )
 
     # The CIFAR recipe (paper appendix D): MoCo v2 augmentations without blur.

@@ -22,7 +22,16 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from simsiam_tf import augment, callbacks, collapse, data, distribute, model, optim
+from simsiam_tf import (
+    augment,
+    callbacks,
+    collapse,
+    data,
+    distribute,
+    imagecheck,
+    model,
+    optim,
+)
 from simsiam_tf import config as config_lib
 from simsiam_tf.errors import ConfigError
 
@@ -84,7 +93,7 @@ def build_model_and_optimizer(config, steps_per_epoch: int, strategy=None):
     return net, opt
 
 
-def make_knn_evaluator(config):
+def make_knn_evaluator(config, workdir=None):
     """A kNN evaluator for the configured source, or None when it has no labelled test split."""
     d, e = config.data, config.eval
     kwargs = dict(
@@ -95,6 +104,9 @@ def make_knn_evaluator(config):
     )
     bank = data.load_source(d.source, e.bank_split, **{**kwargs, "max_examples": e.max_bank})
     queries = data.load_source(d.source, e.query_split, **{**kwargs, "max_examples": e.max_queries})
+    if d.check_images:
+        bank = bank and imagecheck.drop_undecodable(bank, d.strict, workdir)
+        queries = queries and imagecheck.drop_undecodable(queries, d.strict, workdir)
     if bank is None or queries is None or bank.num_classes < 2:
         logging.warning(
             "No kNN evaluation: %s has no labelled %r and %r splits",
@@ -126,6 +138,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source = data.load_source(
         d.source, "train", d.max_examples, config.seed, d.tfds_data_dir or None, d.tfds_download
     )
+    if d.check_images:
+        source = imagecheck.drop_undecodable(source, d.strict, workdir)
     global_batch = config.optim.batch_size
     steps = source.num_examples // global_batch
     # Several workers on TFRecords: each reads its own shard files (per-worker batches).
@@ -163,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.train.backup_every_steps,
     )
     initial_epoch, initial_batch = checkpointer.restore()
-    evaluator = make_knn_evaluator(config) if workers == 1 else None
+    evaluator = make_knn_evaluator(config, workdir) if workers == 1 else None
     if workers > 1:
         logging.info("%d workers: no kNN during training; run tools/eval_knn.py after", workers)
 
