@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = dict(
         steps_per_epoch=0,  # 0: one pass over the data; > 0: shorter epochs (smoke tests)
         cpu_devices=0,  # > 1: split the CPU into this many logical devices (multi-replica anywhere)
+        tpu="",  # a TPU name or grpc:// address ("local" on a TPU VM): TPUStrategy
         precision="float32",
         jit_compile=False,
         keep_checkpoints=3,

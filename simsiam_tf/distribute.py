@@ -33,7 +33,13 @@ def split_cpu(n: int) -> None:
         ) from err
 
 
-def make_strategy(cpu_devices: int = 0) -> tf.distribute.Strategy:
+def make_strategy(cpu_devices: int = 0, tpu: str = "") -> tf.distribute.Strategy:
+    if tpu:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        logging.info("TPUStrategy on %s", tpu)
+        return tf.distribute.TPUStrategy(resolver)
     if os.environ.get("TF_CONFIG"):
         cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
         logging.info("TF_CONFIG found: MultiWorkerMirroredStrategy over %s", cluster)

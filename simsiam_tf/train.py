@@ -121,7 +121,7 @@ def make_knn_evaluator(config, workdir=None):
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains (or resumes) SimSiam as configured; returns the summary written to the run."""
     start = time.time()
-    strategy = distribute.make_strategy(config.train.cpu_devices)
+    strategy = distribute.make_strategy(config.train.cpu_devices, config.train.tpu)
     config_lib.validate(config, strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(config.train.precision)
     keras.utils.set_random_seed(config.seed)
