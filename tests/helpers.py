@@ -43,3 +43,16 @@ def random_views(n=16, size=8, seed=0):
         "view1": rng.uniform(0, 1, (n, size, size, 3)).astype(np.float32),
         "view2": rng.uniform(0, 1, (n, size, size, 3)).astype(np.float32),
     }
+
+
+# `tools/train.py` flags for a tiny, fast run of the quickstart recipe (tests of the tools).
+TINY_TRAIN_FLAGS = [
+    "--config=configs/quickstart.py",
+    "--config.model.width=8",
+    "--config.model.proj_dim=64",
+    "--config.model.proj_hidden=64",
+    "--config.model.pred_hidden=16",
+    "--config.optim.batch_size=32",
+    "--config.optim.warmup_epochs=0",
+    "--config.train.verbose=2",
+]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import TINY_TRAIN_FLAGS
 
 SCRIPT = os.path.join(REPO, "tests", "multiworker_step.py")
 
@@ -85,20 +86,8 @@ def test_train_tool_on_two_workers_writes_one_run_directory(tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workdir = str(tmp_path / "run")
-    args = [
-        "tools/train.py",
-        f"--workdir={workdir}",
-        "--config=configs/quickstart.py",
-        "--config.model.width=8",
-        "--config.model.proj_dim=64",
-        "--config.model.proj_hidden=64",
-        "--config.model.pred_hidden=16",
-        "--config.optim.batch_size=32",
-        "--config.optim.epochs=2",
-        "--config.optim.warmup_epochs=0",
-        "--config.train.steps_per_epoch=3",
-        "--config.train.verbose=2",
-    ]
+    args = ["tools/train.py", f"--workdir={workdir}", *TINY_TRAIN_FLAGS]
+    args += ["--config.optim.epochs=2", "--config.train.steps_per_epoch=3"]
     procs = [
         subprocess.Popen(
             [sys.executable, *args],

@@ -13,20 +13,13 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO
+from tests.helpers import TINY_TRAIN_FLAGS
 
-BASE = [
-    "--config=configs/quickstart.py",
-    "--config.model.width=8",
-    "--config.model.proj_dim=64",
-    "--config.model.proj_hidden=64",
-    "--config.model.pred_hidden=16",
-    "--config.optim.batch_size=32",
+BASE = TINY_TRAIN_FLAGS + [
     "--config.optim.epochs=2",
-    "--config.optim.warmup_epochs=0",
     "--config.train.steps_per_epoch=8",
     "--config.train.backup_every_steps=2",
     "--config.train.deterministic=True",
-    "--config.train.verbose=2",
     "--config.eval.random_init_knn=False",
     "--config.eval.knn_every_epochs=0",
     "--config.eval.max_bank=100",

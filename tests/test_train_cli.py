@@ -8,16 +8,10 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers import TINY_TRAIN_FLAGS
 
-TINY = [
-    "--config=configs/quickstart.py",
-    "--config.model.width=8",
-    "--config.model.proj_dim=64",
-    "--config.model.proj_hidden=64",
-    "--config.model.pred_hidden=16",
-    "--config.optim.batch_size=32",
+TINY = TINY_TRAIN_FLAGS + [
     "--config.train.steps_per_epoch=3",
-    "--config.train.verbose=2",
     "--config.eval.knn_every_epochs=1",
     "--config.eval.max_bank=300",
     "--config.eval.max_queries=100",
@@ -72,7 +66,6 @@ def test_train_on_an_image_folder(cifar10_folder, tmp_path):
         workdir,
         f"--config.data.source=folder:{cifar10_folder}",
         "--config.optim.epochs=1",
-        "--config.optim.warmup_epochs=0",
     )
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
