@@ -4,15 +4,16 @@
         --config.data.source=folder:/tmp/cifar10
 
 (`/tmp/cifar10` holds train/ and test/ class subfolders: the CIFAR-10 JPEGs unpacked with
-`tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10`.) Expected: the kNN top-1
-(k=200, T=0.1, bank = the same 10,000 training images, queries = the 10,000 test images)
-dips below the network's random-initialisation score in the first epochs and then climbs above
-it; see docs/RESULTS.md for the measured curve and wall time. Not a paper number.
+`tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10`.) Measured (docs/RESULTS.md):
+the kNN top-1 (k=200, T=0.1, bank = the same 10,000 training images, queries = the 10,000 test
+images) dips below the network's random-initialisation score (32.2%) in epoch 1, crosses it in
+epoch 2 and is 5.5 points above it after 13 of the 20 epochs (37.7%; linear probe 46.3%), at
+100-240 s per epoch on a shared 2-core CPU. Not a paper number.
 
 Departures from the paper's CIFAR recipe (appendix D, `configs/cifar10_resnet18.py`), all to
 fit a shared 2-core CPU:
   * backbone `cnn_small` (6 convs, width 32, 256-d features) instead of the CIFAR ResNet-18
-    (about 30x cheaper per image);
+    (34 M multiply-adds per 32x32 image against 0.56 G: about 16x cheaper);
   * projector 2 x 512 and predictor bottleneck 128 instead of 2048 / 512;
   * a seeded 10,000-image subset of the 50,000 training images (`data.max_examples`);
   * batch 64 instead of 512, base lr 0.06 (lr = 0.06 x 64/256 = 0.015) instead of 0.03, so

@@ -90,31 +90,44 @@ def plot_ablation(
     arms: Mapping[str, Sequence[Mapping]],
     path: str,
     proj_dim: int,
-    random_init_knn: Optional[float] = None,
+    random_init_knn=None,
     title: str = "",
 ) -> str:
-    """The paper's Figure 2 for several arms: loss, std x sqrt(d) of z, kNN top-1 per epoch."""
+    """The paper's Figure 2 for several arms: loss, std x sqrt(d) of z (solid) and p (dashed),
+    kNN top-1 per epoch.
+
+    random_init_knn: one kNN top-1 of the initial network, or one per arm ({name: top-1}); each
+    arm's curve starts at epoch 0 from its own, and the grey line is their mean.
+    """
     if not arms:
         raise ValueError("no arms to plot")
+    inits = random_init_knn if isinstance(random_init_knn, Mapping) else None
     fig = _figure(14, 4.2)
     axes = fig.subplots(1, 3)
     scale = math.sqrt(proj_dim)
-    for name, rows in arms.items():
-        axes[0].plot(*_series(rows, "loss"), "o-", ms=3, label=name)
-        axes[1].plot(*_series(rows, "z_std", scale), "o-", ms=3, label=name)
-        x, y = _knn_series(rows, random_init_knn)
-        axes[2].plot(x, y, "o-", ms=3, label=name)
+    for i, (name, rows) in enumerate(arms.items()):
+        colour = f"C{i}"
+        axes[0].plot(*_series(rows, "loss"), "o-", ms=3, color=colour, label=name)
+        axes[1].plot(*_series(rows, "z_std", scale), "o-", ms=3, color=colour, label=f"{name} z")
+        x, y = _series(rows, "p_std", scale)
+        if x:
+            axes[1].plot(x, y, "--", lw=1, color=colour, alpha=0.7, label=f"{name} p")
+        init = inits.get(name) if inits is not None else random_init_knn
+        x, y = _knn_series(rows, init)
+        axes[2].plot(x, y, "o-", ms=3, color=colour, label=name)
     axes[0].axhline(-1.0, color="grey", ls=":", lw=1)
     axes[0].set(title="training loss", xlabel="epoch", ylabel="loss")
     axes[1].axhline(1.0, color="grey", ls=":", lw=1)
     axes[1].set_ylim(bottom=0)
     axes[1].set(
-        title="output std (l2-normalised z) x sqrt(d)",
+        title="output std (l2-normalised) x sqrt(d): z solid, p dashed",
         xlabel="epoch",
         ylabel=f"std x sqrt({proj_dim})",
     )
-    if random_init_knn is not None:
-        axes[2].axhline(100 * random_init_knn, color="grey", ls="--", lw=1, label="random init")
+    known = [v for v in (inits.values() if inits is not None else [random_init_knn]) if v]
+    if known:
+        label = "random init" + (" (mean)" if len(known) > 1 else "")
+        axes[2].axhline(100 * float(np.mean(known)), color="grey", ls="--", lw=1, label=label)
     axes[2].set(title="kNN top-1 (%)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in axes:
         ax.legend(fontsize=8)

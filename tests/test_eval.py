@@ -1,5 +1,6 @@
 """Evaluation: the kNN classifier, the stop-gradient switch, LARS, the linear probe, the tools."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -195,22 +196,74 @@ def test_holdout_split_is_per_class_and_disjoint():
 # The tools
 
 
-@pytest.mark.parametrize("name", ["eval_knn", "eval_linear", "plot", "ablate"])
-def test_tools_import(name):
+@contextlib.contextmanager
+def _tool_module(name):
+    """A tool imported as a module; its absl flags are forgotten afterwards."""
+    from absl import flags
+
     spec = importlib.util.spec_from_file_location(
         f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
-    from absl import flags
-
-    saved = {f: flags.FLAGS[f] for f in list(flags.FLAGS)}
+    saved = set(flags.FLAGS)
     try:
         spec.loader.exec_module(module)
-        assert callable(module.main)
-    finally:  # forget the tool's flags, so that the next tool can define its own
+        yield module
+    finally:
         for f in list(flags.FLAGS):
             if f not in saved:
                 delattr(flags.FLAGS, f)
+
+
+@pytest.mark.parametrize("name", ["eval_knn", "eval_linear", "plot", "ablate"])
+def test_tools_import(name):
+    with _tool_module(name) as module:
+        assert callable(module.main)
+
+
+def test_ablation_report_from_arm_directories(tmp_path):
+    """ablate.py's table, JSON and figure from finished arm directories (no training)."""
+    dim = 64
+    histories = {
+        "simsiam": [(-0.5, 0.95, 0.9, 0.34), (-0.6, 0.94, 0.9, 0.35), (-0.62, 0.94, 0.9, 0.36)],
+        "no_stopgrad": [(-0.8, 0.6, 0.4, 0.30), (-0.9, 0.4, 0.2, 0.29), (-0.95, 0.3, 0.1, 0.28)],
+    }
+    for name, rows in histories.items():
+        arm = tmp_path / name
+        arm.mkdir()
+        config = {
+            "model": {"proj_dim": dim, "backbone": "cnn_small"},
+            "seed": 0,
+            "data": {"source": "builtin:digits", "max_examples": 0},
+            "optim": {"batch_size": 32},
+            "eval": {"knn_k": 20, "knn_t": 0.1},
+        }
+        (arm / "config.json").write_text(json.dumps(config))
+        (arm / "random_init.json").write_text(json.dumps({"knn_top1": 0.32}))
+        (arm / "summary.json").write_text(json.dumps({"wall_seconds": 10.0}))
+        lines = [
+            json.dumps(dict(epoch=e + 1, loss=loss, z_std=z / 8, p_std=p / 8, knn_top1=k))
+            for e, (loss, z, p, k) in enumerate(rows)
+        ]
+        (arm / "history.jsonl").write_text("\n".join(lines) + "\n")
+    with _tool_module("ablate") as ablate:
+        assert ablate.collapse_epoch([{"epoch": 1, "z_std": 0.01}], 8.0, 0.5, 1) == 1
+        assert ablate.parse_custom("wide:model.pred_hidden=2048,config.optim.fix_pred_lr=True") == (
+            "wide",
+            {"model.pred_hidden": "2048", "optim.fix_pred_lr": "True"},
+        )
+        with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
+            ablate.parse_custom("nocolon")
+        arms = ablate.collect(str(tmp_path), ["simsiam", "no_stopgrad"])
+        md = ablate.write_report(str(tmp_path), arms, {n: ablate.ARMS[n] for n in arms}, {}, 3)
+    text = open(md).read()
+    assert "| no_stopgrad | model.stop_gradient=False | 3 | -0.950 | 0.300 | 0.100 | 0.32 |" in text
+    assert "| epoch 3 |" in text  # the collapse warning fired at epoch 3 (p below 0.5 from 1)
+    report = json.load(open(tmp_path / "ablation.json"))
+    assert report["arms"]["simsiam"]["knn_vs_random_init"] == pytest.approx(4.0)
+    assert report["arms"]["simsiam"]["collapse_warning_epoch"] is None
+    with open(tmp_path / "ablation.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _tool(*args, timeout=600):
@@ -229,6 +282,7 @@ TINY = [
     "--config.model.proj_hidden=64",
     "--config.model.pred_hidden=16",
     "--config.optim.batch_size=32",
+    "--config.optim.warmup_epochs=0",
     "--config.train.steps_per_epoch=3",
     "--config.train.verbose=2",
     "--config.eval.knn_every_epochs=1",
@@ -243,7 +297,7 @@ def test_tools_end_to_end(tmp_path):
     from tests.conftest import write_images
 
     run = str(tmp_path / "run")
-    _tool("tools/train.py", f"--workdir={run}", "--config.optim.epochs=1", *TINY)
+    _tool("tools/train.py", f"--workdir={run}", *TINY, "--config.optim.epochs=1")
     out = _tool("tools/eval_knn.py", f"--workdir={run}")
     res = json.load(open(os.path.join(run, "knn_eval.json")))
     assert 0 <= res["knn_top1"] <= 1 and 0 <= res["random_init_knn_top1"] <= 1, out

@@ -56,6 +56,8 @@ def test_ablation_png(tmp_path):
     arms = {"simsiam": _rows(), "no_stopgrad": _rows(collapse=True)}
     path = plots.plot_ablation(arms, str(tmp_path / "ablation.png"), 64, 0.3, title="t")
     _check_png(path, (1400, 420))
+    inits = {"simsiam": 0.31, "no_stopgrad": 0.33}  # one initial network per arm
+    _check_png(plots.plot_ablation(arms, str(tmp_path / "a2.png"), 64, inits), (1400, 420))
 
 
 def test_retrieval_grid_png(tmp_path):

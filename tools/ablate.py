@@ -113,6 +113,24 @@ def collect(workdir: str, names) -> dict:
     return out
 
 
+def collapse_epoch(rows, scale: float, threshold: float, patience: int):
+    """The epoch at which the collapse monitor's rule fires on a history (None: never)."""
+    low = 0
+    for row in rows:
+        ratios = [row[k] * scale for k in ("z_std", "p_std") if k in row]
+        low = low + 1 if ratios and not min(ratios) >= threshold else 0
+        if low >= patience:
+            return row["epoch"]
+    return None
+
+
+def _init_range(inits: dict) -> str:
+    if not inits:
+        return "not recorded"
+    lo, hi = 100 * min(inits.values()), 100 * max(inits.values())
+    return f"{lo:.2f}%" if lo == hi else f"{lo:.2f}-{hi:.2f}% across arms"
+
+
 def _fmt(x, spec=".3f"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -122,8 +140,9 @@ def write_report(workdir: str, arms: dict, overrides: dict, commands: dict, epoc
     dim = int(first["config"]["model"]["proj_dim"])
     scale = math.sqrt(dim)
     threshold = first["config"]["eval"].get("collapse_threshold", 0.5)
-    inits = [a["random_init"] for a in arms.values() if a["random_init"] is not None]
-    random_init = inits[0] if inits else None
+    inits = {n: a["random_init"] for n, a in arms.items() if a["random_init"] is not None}
+    random_init = sum(inits.values()) / len(inits) if inits else None
+    patience = first["config"]["eval"].get("collapse_patience", 3)
     ref = arms.get("simsiam")
     ref_std = {r["epoch"]: r.get("z_std") for r in ref["rows"]} if ref else {}
 
@@ -137,11 +156,12 @@ def write_report(workdir: str, arms: dict, overrides: dict, commands: dict, epoc
         f"{first['config']['optim']['batch_size']}; seed {first['config']['seed']}. "
         f"std ratio = per-channel std of the l2-normalised output x sqrt(d), d = {dim}: about 1 "
         f"healthy, 0 collapsed. kNN: k={first['config']['eval']['knn_k']}, "
-        f"T={first['config']['eval']['knn_t']}; random init: "
-        f"{_fmt(random_init and 100 * random_init, '.2f')}%.",
+        f"T={first['config']['eval']['knn_t']}; each arm is compared with its own network at "
+        f"initialisation (random init: {_init_range(inits)}). Collapse warning: the collapse "
+        f"monitor's rule, z or p std ratio below {threshold:g} for {patience} epochs in a row.",
         "",
         "| arm | switch | epochs | loss | z std ratio | p std ratio | z std vs simsiam "
-        "| kNN top-1 (%) | vs random init | collapsed | wall (s) |",
+        "| kNN top-1 (%) | vs random init | collapse warning | wall (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     result = {}
@@ -153,10 +173,12 @@ def write_report(workdir: str, arms: dict, overrides: dict, commands: dict, epoc
         if ref_std.get(last["epoch"]):
             rel = last.get("z_std", float("nan")) / ref_std[last["epoch"]]
         knn = next((r["knn_top1"] for r in reversed(arm["rows"]) if "knn_top1" in r), None)
-        gap = None if knn is None or random_init is None else 100 * (knn - random_init)
+        init = arm["random_init"]
+        gap = None if knn is None or init is None else 100 * (knn - init)
         switch = ", ".join(f"{k}={v}" for k, v in overrides[name].items()) or "(none)"
-        collapsed = "yes" if z < threshold else "no"
-        wall = arm["summary"].get("wall_seconds")
+        fired = collapse_epoch(arm["rows"], scale, threshold, patience)
+        collapsed = f"epoch {fired}" if fired else "no"
+        wall = arm["summary"].get("wall_seconds", last.get("time"))  # unfinished: history
         lines.append(
             f"| {name} | {switch} | {last['epoch']} | {_fmt(last['loss'])} | {_fmt(z)} | "
             f"{_fmt(p)} | {_fmt(rel, '.2f')} | {_fmt(knn and 100 * knn, '.2f')} | "
@@ -170,8 +192,9 @@ def write_report(workdir: str, arms: dict, overrides: dict, commands: dict, epoc
             p_std_ratio=p,
             z_std_vs_simsiam=rel,
             knn_top1=knn,
+            random_init_knn_top1=init,
             knn_vs_random_init=gap,
-            collapsed=z < threshold,
+            collapse_warning_epoch=fired,
             wall_seconds=wall,
             command=" ".join(commands.get(name, [])),
             history=arm["rows"],
@@ -206,10 +229,10 @@ def write_report(workdir: str, arms: dict, overrides: dict, commands: dict, epoc
         {name: arm["rows"] for name, arm in arms.items()},
         os.path.join(workdir, "ablation.png"),
         dim,
-        random_init,
+        inits,
         title=f"SimSiam ablations: {first['config']['model']['backbone']}, "
         f"{first['config']['data']['source']} ({first['config']['data']['max_examples'] or 'all'}"
-        f" images), batch {first['config']['optim']['batch_size']}, {epochs} epochs",
+        f" images), batch {first['config']['optim']['batch_size']}, {epochs}-epoch schedule",
     )
     return md
 

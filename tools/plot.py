@@ -43,6 +43,18 @@ def _images(source: data.Source, indices, size: int) -> np.ndarray:
     return np.round(np.concatenate(out) * 255).clip(0, 255).astype(np.uint8)
 
 
+def pick_queries(source: data.Source, n: int, seed: int) -> np.ndarray:
+    """n seeded query indices, one class after another when labelled (a varied grid)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(source.num_examples)
+    if source.num_classes < 2:
+        return order[:n]
+    labels = source.labels[order]
+    per_class = [order[labels == c] for c in range(source.num_classes)]
+    picks = [idx[r] for r in range(n) for idx in per_class if r < len(idx)]
+    return np.asarray(picks[:n])
+
+
 def draw_retrieval(workdir, out_path, spec, num_queries, k, max_bank):
     backbone, config, origin = linear.load_run_backbone(workdir)
     d, e = config.data, config.eval
@@ -58,8 +70,7 @@ def draw_retrieval(workdir, out_path, spec, num_queries, k, max_bank):
     )
     if bank.files is None and bank.images is None:
         raise ValueError(f"{bank.name}: the retrieval grid needs an in-memory or file source")
-    rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.choice(queries.num_examples, min(num_queries, queries.num_examples), False))
+    pick = pick_queries(queries, num_queries, config.seed)
     size = d.image_size
     bank_f, bank_y = knn.extract_features(backbone, data.eval_dataset(bank, size, 256))
     query_img = _images(queries, pick, size)
