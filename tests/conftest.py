@@ -69,3 +69,10 @@ def write_images(folder, n, size=(24, 20), mode="RGB", ext=".png", seed=0):
         img.save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def two_replicas():
+    """One MirroredStrategy over the 2 logical CPUs for the whole session: strategies created
+    side by side in one process can collide on collective-op instance keys."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -25,9 +25,9 @@ def _train_one_step(strategy, data, steps=2):
     return [v.numpy() for v in net.trainable_variables], history.history["loss"][-1]
 
 
-def test_two_replicas_make_the_same_update_as_one_on_the_global_batch():
+def test_two_replicas_make_the_same_update_as_one_on_the_global_batch(two_replicas):
     data = random_views(n=32)
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    two = two_replicas
     assert two.num_replicas_in_sync == 2
     w2, loss2 = _train_one_step(two, data)
     w1, loss1 = _train_one_step(tf.distribute.get_strategy(), data)

@@ -9,12 +9,12 @@ from simsiam_tf import data, train
 from tests.helpers import tiny_config
 
 
-def test_synchronized_bn_uses_the_global_batch_statistics():
+def test_synchronized_bn_uses_the_global_batch_statistics(two_replicas):
     """On 2 replicas, each holding half of a batch whose halves differ, a synchronised BN
     normalises with the statistics of the whole batch; a plain BN with those of its half."""
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (8, 4)), rng.normal(5, 3, (8, 4))]).astype(np.float32)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_replicas
 
     def run(synchronized):
         with strategy.scope():
