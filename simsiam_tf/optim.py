@@ -106,14 +106,18 @@ class TorchSGD(keras.optimizers.Optimizer):
     def uses_fixed_lr(self, variable) -> bool:
         return self._get_variable_index(variable) in self._fixed_lr_indices
 
+    def _direction(self, gradient, variable):
+        """The gradient the momentum buffer accumulates: here g + wd * w."""
+        if self.l2_weight_decay:
+            gradient = gradient + tf.cast(self.l2_weight_decay, variable.dtype) * variable
+        return gradient
+
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         if self.uses_fixed_lr(variable):
             learning_rate = self.fixed_lr
         lr = tf.cast(learning_rate, dtype)
-        gradient = tf.cast(gradient, dtype)
-        if self.l2_weight_decay:
-            gradient = gradient + tf.cast(self.l2_weight_decay, dtype) * variable
+        gradient = self._direction(tf.cast(gradient, dtype), variable)
         buf = self.momentums[self._get_variable_index(variable)]
         self.assign(buf, tf.cast(self.momentum, dtype) * buf + gradient)
         self.assign_sub(variable, lr * buf)
@@ -149,7 +153,7 @@ def build_optimizer(optim_config, global_batch: int, steps_per_epoch: int, predi
 
 
 @keras.saving.register_keras_serializable("simsiam_tf")
-class LARS(keras.optimizers.Optimizer):
+class LARS(TorchSGD):
     """LARS as the official linear evaluation (facebookresearch/simsiam `optimizer.py`, used by
     `main_lincls.py --lars`): for every variable of more than one dimension
 
@@ -168,47 +172,32 @@ class LARS(keras.optimizers.Optimizer):
         name: str = "lars",
         **kwargs,
     ):
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if l2_weight_decay < 0:
-            raise ValueError(f"l2_weight_decay must be >= 0, got {l2_weight_decay}")
+        super().__init__(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            l2_weight_decay=l2_weight_decay,
+            name=name,
+            **kwargs,
+        )
         if trust_coefficient <= 0:
             raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
-        self.momentum = momentum
-        self.l2_weight_decay = l2_weight_decay
         self.trust_coefficient = trust_coefficient
 
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        self.momentums = [self.add_variable_from_reference(v, "momentum") for v in variables]
-
-    def update_step(self, gradient, variable, learning_rate):
-        dtype = variable.dtype
-        lr = tf.cast(learning_rate, dtype)
-        gradient = tf.cast(gradient, dtype)
-        if len(variable.shape) > 1:
-            if self.l2_weight_decay:
-                gradient = gradient + tf.cast(self.l2_weight_decay, dtype) * variable
-            w_norm = tf.norm(variable)
-            g_norm = tf.norm(gradient)
-            trust = tf.where(
-                (w_norm > 0) & (g_norm > 0),
-                tf.cast(self.trust_coefficient, dtype) * w_norm / tf.maximum(g_norm, 1e-30),
-                tf.ones_like(w_norm),
-            )
-            gradient = gradient * trust
-        buf = self.momentums[self._get_variable_index(variable)]
-        self.assign(buf, tf.cast(self.momentum, dtype) * buf + gradient)
-        self.assign_sub(variable, lr * buf)
+    def _direction(self, gradient, variable):
+        if len(variable.shape) <= 1:
+            return gradient
+        gradient = super()._direction(gradient, variable)
+        w_norm = tf.norm(variable)
+        g_norm = tf.norm(gradient)
+        trust = tf.where(
+            (w_norm > 0) & (g_norm > 0),
+            tf.cast(self.trust_coefficient, variable.dtype) * w_norm / tf.maximum(g_norm, 1e-30),
+            tf.ones_like(w_norm),
+        )
+        return gradient * trust
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            momentum=self.momentum,
-            l2_weight_decay=self.l2_weight_decay,
-            trust_coefficient=self.trust_coefficient,
-        )
+        config.pop("fixed_lr")
+        config.update(trust_coefficient=self.trust_coefficient)
         return config
