@@ -7,8 +7,16 @@
     RandomHorizontalFlip()
 
 Every random number is drawn per image from stateless ops keyed by an explicit seed, in two
-steps: `sample_*` draws the per-image parameters (cheap scalars), `apply_*` applies them to a
-whole batch at once with vectorised ops. So
+steps: `sample_*` draws the per-image parameters (cheap scalars), then they are applied, by one
+of two paths that compute the same thing (tested against each other):
+
+  * batched, `apply_photometric`: vectorised ops over a whole batch with per-image factors; what
+    the train step runs on the accelerator (device mode) and the in-memory sources use;
+  * per image, `augment_view`: one view at a time in planar layout with banded-matmul resize and
+    blur; what tf.data runs on the CPU for image files (about 2x the torchvision/PIL loader per
+    core at 224 px, docs/PERFORMANCE.md).
+
+So
 
   * the photometric half can run in tf.data on the CPU or inside the train step on the device
     (`data.photometric = "device"`) with the very same distributions;
@@ -140,6 +148,96 @@ def sample_flips(seed, n: int, prob: float = 0.5):
 
 
 # ------------------------------------------------------------------------------------------------
+# Banded resampling: resize and blur of one image as a few small matmuls.
+#
+# Both the antialiased resize of a crop and the separable blur compute, along one axis, each
+# output sample as a weighted sum of a short run of input samples. Output samples are taken in
+# blocks of _BLOCK; the inputs that one block reads are contiguous, so an axis is resampled by one
+# row gather (nb blocks x span rows) and one batched matmul (nb x _BLOCK x span) @ (nb x span x
+# rest). TensorFlow's generic kernels for this (ScaleAndTranslate, depthwise_conv2d) are scalar
+# loops on the CPU; the matmul form is 2-3x cheaper and exact to float rounding.
+
+_BLOCK = 16
+
+
+def _resample_rows(x, index, weights, size: int):
+    """out[b * _BLOCK + k] = sum_l weights[b, k, l] * x[index[b, l]]: x (n, ...) -> (size, rest)."""
+    rows = tf.gather(x, index)  # nb x span x ...
+    if rows.dtype != weights.dtype:
+        rows = tf.cast(rows, weights.dtype)
+    shape = tf.shape(rows)
+    rows = tf.reshape(rows, (shape[0], shape[1], -1))
+    out = tf.matmul(weights, rows)  # nb x _BLOCK x rest
+    return tf.reshape(out, (-1, tf.shape(out)[2]))[:size]
+
+
+def _resize_taps(length, size: int, flip, gain: float = 1.0):
+    """Antialiased bilinear (triangle) resampling of `length` samples to `size`, optionally
+    mirrored: what tf.image.resize(antialias=True) and PIL's BILINEAR resize compute.
+
+    Output k samples the input at (k + 0.5) * length / size with a triangle of half-width
+    max(1, length / size) input pixels, normalised over the pixels inside the input.
+    Returns (index int32 [nb, span], weights float [nb, _BLOCK, span]), weights times `gain`.
+    """
+    nb = -(-size // _BLOCK)
+    length_f = tf.cast(length, tf.float32)
+    scale = length_f / size
+    support = tf.maximum(scale, 1.0)
+    k = tf.range(nb * _BLOCK, dtype=tf.float32)
+    k = tf.where(flip, size - 1.0 - k, k)
+    centre = tf.reshape((k + 0.5) * scale, (nb, _BLOCK))
+    span = tf.minimum(tf.math.ceil((_BLOCK - 1) * scale + 2.0 * support) + 2.0, length_f)
+    low = tf.clip_by_value(tf.floor(tf.reduce_min(centre, 1) - support), 0.0, length_f - span)
+    pos = low[:, None] + tf.range(span)[None, :]  # nb x span
+    w = tf.nn.relu(1.0 - tf.abs(pos[:, None, :] + 0.5 - centre[:, :, None]) / support)
+    w = tf.math.divide_no_nan(w, tf.reduce_sum(w, axis=2, keepdims=True)) * gain
+    return tf.cast(pos, tf.int32), w
+
+
+def resize_crop(image, window, flip, size: int, gain: float = 1.0):
+    """One view of an HxWx3 image: crop `window` (y, x, h, w), resize to size x size with
+    antialiased bilinear (as PIL, as `crop_resize_flip`), mirror left-right if `flip`.
+
+    Returns float32 [size(x), size(y), 3] times `gain`: TRANSPOSED (columns first), so that the
+    caller picks the layout with one transpose: (1, 0, 2) for HxWxC, (2, 1, 0) for planar CxHxW.
+    """
+    y, x, h, w = window
+    crop = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, 3]))
+    index, weights = _resize_taps(h, size, False, gain)
+    rows = _resample_rows(crop, index, weights, size)  # size(y) x (w * 3)
+    cols = tf.transpose(tf.reshape(rows, (size, w, 3)), (1, 0, 2))  # w x size(y) x 3
+    index, weights = _resize_taps(w, size, flip)
+    return tf.reshape(_resample_rows(cols, index, weights, size), (size, size, 3))
+
+
+def _blur_taps(sigma, length, radius: int):
+    """Gaussian blur along one axis of `length` samples, mirror-reflected edges (as
+    `gaussian_blur`): (index int32 [nb, span], weights float [nb, _BLOCK, span])."""
+    nb = -(-length // _BLOCK)
+    span = _BLOCK + 2 * radius
+    kernel = _gaussian_kernels(sigma[None], radius)[0]  # 2r+1
+    d = tf.range(span)[None, :] - tf.range(_BLOCK)[:, None]  # _BLOCK x span: tap offset
+    inside = (d >= 0) & (d <= 2 * radius)
+    w = tf.where(inside, tf.gather(kernel, tf.clip_by_value(d, 0, 2 * radius)), 0.0)
+    pos = tf.range(nb)[:, None] * _BLOCK - radius + tf.range(span)[None, :]  # nb x span
+    pos = (length - 1) - tf.abs((length - 1) - tf.abs(pos))  # reflect, edge not repeated
+    pos = tf.clip_by_value(pos, 0, length - 1)  # rows past the end (last block's padding)
+    return pos, tf.tile(w[None], (nb, 1, 1))
+
+
+def blur_planar(image, sigma, radius: int):
+    """Separable Gaussian blur of one planar image CxHxW, sigma a scalar in pixels."""
+    c, h, w = (tf.shape(image)[i] for i in range(3))
+    x = tf.reshape(tf.transpose(image, (1, 0, 2)), (h, c * w))  # rows first
+    index, weights = _blur_taps(sigma, h, radius)
+    x = tf.reshape(_resample_rows(x, index, weights, h), (h, c, w))
+    x = tf.reshape(tf.transpose(x, (2, 1, 0)), (w, c * h))  # columns first
+    index, weights = _blur_taps(sigma, w, radius)
+    x = tf.reshape(_resample_rows(x, index, weights, w), (w, c, h))
+    return tf.transpose(x, (1, 2, 0))
+
+
+# ------------------------------------------------------------------------------------------------
 # Photometry: colour jitter, grayscale, blur, as per-image parameters and a batched apply.
 
 
@@ -253,6 +351,103 @@ def gaussian_blur(images, sigma, radius: int):
 
 def blur_radius(cfg) -> int:
     return max(1, int(math.ceil(3.0 * cfg.blur_sigma[1])))
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-image path (tf.data on the CPU): one view at a time, planar CxHxW float in [0, 1].
+#
+# The same operations and parameters as `apply_photometric`, arranged for a CPU core: one 224 px
+# planar view (600 kB) stays in the L2 cache through every op, each image runs only the ops its
+# own parameters select (tf.cond / tf.switch_case on scalars, so no work is done and thrown
+# away), channels are contiguous planes (mixing them needs no strided access) and the blur is a
+# banded matmul. Tests check it against the batched path and against torchvision's formulas.
+
+
+def _gray_planar(image):
+    """ITU-R 601 luma of a planar image: 3xHxW -> HxW."""
+    r, g, b = tf.unstack(image)
+    return r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2]
+
+
+def _clip01(x):
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def _hue_planar(image, delta):
+    """Shift the HSV hue of a planar image by `delta` (a fraction of the circle), elementwise.
+
+    torchvision's _rgb2hsv / _hsv2rgb, with the HSV -> RGB step in its closed form
+    f(n) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + H / 60 deg) mod 6, (R, G, B) = f(5, 3, 1),
+    where C = max - min is the chroma, which a hue shift keeps, as it keeps V = max.
+    """
+    r, g, b = tf.unstack(image)
+    v = tf.maximum(tf.maximum(r, g), b)
+    c = v - tf.minimum(tf.minimum(r, g), b)
+    # Hue in sixths of the circle; grey pixels (c == 0) come out as v whatever their hue.
+    h = tf.where(
+        tf.equal(v, r),
+        tf.math.divide_no_nan(g - b, c),
+        tf.where(
+            tf.equal(v, g),
+            2.0 + tf.math.divide_no_nan(b - r, c),
+            4.0 + tf.math.divide_no_nan(r - g, c),
+        ),
+    )
+    h = h + 6.0 * delta
+
+    def channel(n):
+        k = h + n
+        k = k - 6.0 * tf.floor(k * (1.0 / 6.0))
+        return v - c * _clip01(tf.minimum(k, 4.0 - k))
+
+    return tf.stack([channel(5.0), channel(3.0), channel(1.0)])
+
+
+def _jitter_planar(image, params, cfg):
+    """torchvision ColorJitter on one planar image, its four ops in this image's order."""
+    ops = (
+        lambda x: _clip01(x * params["brightness"]),
+        lambda x: _clip01(
+            x * params["contrast"] + tf.reduce_mean(_gray_planar(x)) * (1.0 - params["contrast"])
+        ),
+        lambda x: _clip01(
+            x * params["saturation"] + _gray_planar(x) * (1.0 - params["saturation"])
+        ),
+        (lambda x: _hue_planar(x, params["hue"])) if cfg.hue > 0 else (lambda x: x),
+    )
+    x = image
+    for pos in range(_JITTER_OPS):
+        x = tf.switch_case(params["order"][pos], [lambda op=op, x=x: op(x) for op in ops])
+    return x
+
+
+def photometric_planar(image, params, cfg):
+    """Colour jitter, grayscale and blur of ONE planar image 3xHxW in [0, 1].
+
+    params: this image's parameters, scalars (row i of `sample_photometric`).
+    """
+    x = image
+    if cfg.jitter_prob > 0:
+        x = tf.cond(params["jitter"], lambda: _jitter_planar(x, params, cfg), lambda: x)
+    if cfg.grayscale_prob > 0:
+        x = tf.cond(params["grayscale"], lambda: tf.stack([_gray_planar(x)] * 3), lambda: x)
+    if cfg.blur_prob > 0:
+        x = tf.cond(
+            params["blur"], lambda: blur_planar(x, params["sigma"], blur_radius(cfg)), lambda: x
+        )
+    return x
+
+
+def augment_view(image, window, flip, size: int, params=None, cfg=None):
+    """One view of a decoded uint8 HxWx3 image, as uint8 size x size x 3: crop, antialiased
+    resize and flip; then, when `params` (this view's, scalars) are given, the photometric half
+    of the recipe `cfg`, applied before the only rounding to uint8."""
+    if params is None:
+        view = tf.transpose(resize_crop(image, window, flip, size), (1, 0, 2))
+        return tf.cast(tf.round(view), tf.uint8)
+    planar = tf.transpose(resize_crop(image, window, flip, size, 1.0 / 255.0), (2, 1, 0))
+    planar = photometric_planar(planar, params, cfg)
+    return tf.cast(tf.round(tf.transpose(planar, (1, 2, 0)) * 255.0), tf.uint8)
 
 
 def apply_photometric(images, params, cfg):

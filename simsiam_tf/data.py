@@ -348,17 +348,25 @@ def pretrain_dataset(
             "view2": to_uint8(augment.apply_photometric(v2, p2, aug_config)),
         }
 
-    def crop_pair(image, seed_):
+    def augment_pair(image, seed_):
+        """Both views of one decoded image, every random draw keyed by `seed_`: the finished
+        uint8 views, or (device mode) cropped and flipped views and their photometric params."""
         h, w = tf.shape(image)[0], tf.shape(image)[1]
         y, x, ch, cw = augment.sample_crop_windows(
             seed_, h, w, 2, aug_config.crop_scale, aug_config.crop_ratio
         )
         flips = augment.sample_flips(augment.fold_seed(seed_, 7), 2, aug_config.flip_prob)
-        views = [
-            augment.crop_resize_flip(image, (y[i], x[i], ch[i], cw[i]), flips[i], size)
-            for i in range(2)
-        ]
-        return views[0], views[1]
+        params = augment.sample_photometric(augment.fold_seed(seed_, 11), 2, aug_config)
+        per_view = [{k: v[i] for k, v in params.items()} for i in range(2)]
+        out = {}
+        for i in range(2):
+            window = (y[i], x[i], ch[i], cw[i])
+            out[f"view{i + 1}"] = augment.augment_view(
+                image, window, flips[i], size, None if on_device else per_view[i], aug_config
+            )
+            if on_device:
+                out[f"params{i + 1}"] = per_view[i]
+        return out
 
     def skip_in(epoch):
         """Batches to skip at the start of `epoch`: start_batch in the first, else none."""
@@ -416,16 +424,15 @@ def pretrain_dataset(
                     min(source.num_examples, data_config.shuffle_buffer), seed=seed
                 )
                 ds = ds.enumerate().skip(skip * global_batch).map(lambda i, ex: (i, ex[0]))
+            # Each example is finished on its own (decode, both views, photometric on the CPU):
+            # its working set stays in cache and tf.data spreads examples over the threads.
             ds = ds.map(
-                lambda i, encoded_image: crop_pair(
+                lambda i, encoded_image: augment_pair(
                     decode_rgb(encoded_image), augment.fold_seed(base_seed, epoch, i)
                 ),
                 num_parallel_calls=AUTOTUNE,
             )
-            ds = ds.batch(global_batch, drop_remainder=True).take(steps - skip)
-            return ds.enumerate(start=skip).map(
-                lambda step, views: finish_batch(epoch, step, *views), num_parallel_calls=AUTOTUNE
-            )
+            return ds.batch(global_batch, drop_remainder=True).take(steps - skip)
 
     epochs = tf.data.Dataset.range(start_epoch, start_epoch + num_epochs if num_epochs else 2**62)
     ds = epochs.flat_map(epoch_dataset)

@@ -1,0 +1,54 @@
+"""tools/benchmark.py runs each mode and ends with a machine-readable line. No timing is asserted:
+throughput depends on the machine and its load (docs/PERFORMANCE.md)."""
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO, write_images
+
+TOOL = os.path.join(REPO, "tools", "benchmark.py")
+
+
+def _last_line_fields(args):
+    out = subprocess.run(
+        [sys.executable, TOOL, *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    return dict(item.split("=", 1) for item in last.split())
+
+
+def test_pipeline_mode_cpu_and_device(tmp_path):
+    write_images(tmp_path, 16, size=(64, 48), ext=".jpg")
+    for photometric in ("cpu", "device"):
+        fields = _last_line_fields(
+            [
+                "pipeline",
+                f"--folder={tmp_path}",
+                "--image_size=32",
+                "--threads=1",
+                f"--photometric={photometric}",
+                "--batch=8",
+                "--warmup=1",
+                "--steps=2",
+            ]
+        )
+        assert fields["mode"] == "pipeline" and fields["photometric"] == photometric
+        assert fields["threads"] == "1" and fields["image_size"] == "32"
+        assert float(fields["pairs_per_s"]) > 0 and float(fields["peak_rss_mb"]) > 0
+
+
+def test_step_mode_on_a_tiny_config():
+    fields = _last_line_fields(
+        [
+            "step",
+            f"--config={os.path.join(REPO, 'configs', 'quickstart.py')}",
+            "--batch=16",
+            "--warmup=1",
+            "--steps=2",
+            "--jit_compile=false",
+        ]
+    )
+    assert fields["mode"] == "step" and fields["batch"] == "16"
+    assert fields["jit_compile"] == "False" and float(fields["pairs_per_s"]) > 0

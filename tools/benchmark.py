@@ -1,0 +1,407 @@
+"""Throughput of the input pipeline, of the training step, and of both together.
+
+    # view pairs/s of the project's own pipeline, on an image folder, with N CPU threads
+    python tools/benchmark.py pipeline --folder=DIR --image_size=224 --threads=1 \\
+        --photometric=cpu|device [--recipe=imagenet|cifar] [--batch=64] [--limit=1024]
+    # pairs/s of the training step on synthetic input
+    python tools/benchmark.py step --config=configs/cifar10_resnet18.py --batch=128 \\
+        [--jit_compile=true|false] [--threads=0]
+    # end to end with model.fit, and the share of step time spent waiting for input
+    python tools/benchmark.py fit --config=configs/cifar10_resnet18.py --folder=DIR --batch=64
+    # the project against the PyTorch reference scripts, alternating runs (A, B, A, B, ...)
+    python tools/benchmark.py compare --what=pipeline --folder=DIR --threads=1 --rounds=3
+    python tools/benchmark.py compare --what=step --batch=128 --rounds=3
+
+`--photometric=device` times only what the CPU does in that mode (decode, crop, resize, flip and
+the sampling of the photometric parameters); the colour and blur work then runs in the train
+step. `--threads=N` limits tf.data's private pool and TensorFlow's intra- and inter-op pools to
+N threads. Runs are warmed up, then timed; `cores_used` = process CPU time / wall time tells how
+many cores a run really used. The last line printed is machine-readable `key=value` pairs and
+includes `pairs_per_s=`. Absolute figures depend on the machine and its load: compare runs made
+side by side (the `compare` mode), and read docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+MODES = ("pipeline", "step", "fit", "compare")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {
+    "imagenet": os.path.join(REPO, "configs", "imagenet_resnet50.py"),
+    "cifar": os.path.join(REPO, "configs", "cifar10_resnet18.py"),
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(REPO, "configs", "cifar10_resnet18.py"), "Recipe (step, fit)."
+)
+_FOLDER = flags.DEFINE_string("folder", None, "Image folder (pipeline, fit, compare).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "View size in px (0: the recipe's).")
+_THREADS = flags.DEFINE_integer("threads", 0, "CPU threads for TensorFlow and tf.data (0: all).")
+_PHOTOMETRIC = flags.DEFINE_enum(
+    "photometric", "cpu", ["cpu", "device"], "Where colour jitter/grayscale/blur run."
+)
+_RECIPE = flags.DEFINE_enum(
+    "recipe", "imagenet", list(RECIPES), "Augmentation recipe (pipeline): its config's aug."
+)
+_BATCH = flags.DEFINE_integer("batch", 0, "Batch (0: 64 for pipeline, 128 for step and fit).")
+_LIMIT = flags.DEFINE_integer("limit", 1024, "Use at most this many files of the folder.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed batches or steps first.")
+_STEPS = flags.DEFINE_integer("steps", 0, "Timed batches or steps (0: limit/batch; step: 5).")
+_JIT = flags.DEFINE_enum(
+    "jit_compile", "config", ["config", "true", "false"], "XLA for the train step."
+)
+_WHAT = flags.DEFINE_enum("what", "pipeline", ["pipeline", "step"], "compare: which benchmark.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: rounds of (ours, reference).")
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python", "/tmp/torchref/bin/python", "compare: Python with torch and torchvision."
+)
+_REFERENCE_DIR = flags.DEFINE_string(
+    "reference_dir",
+    os.path.join(REPO, "..", "shared", "bench"),
+    "compare: folder of torch_reference_pipeline.py and torch_reference_step.py.",
+)
+_CHANNELS_LAST = flags.DEFINE_bool("channels_last", True, "compare step: reference layout.")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _progress(label: str, done: int, total: int) -> None:
+    if sys.stderr.isatty() or os.environ.get("BENCHMARK_PROGRESS"):
+        sys.stderr.write(f"\r{label}: {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _report(**fields) -> None:
+    """The machine-readable last line."""
+    print(
+        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+    )
+
+
+def _limit_threads(n: int) -> None:
+    import tensorflow as tf
+
+    if n:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+
+
+def _recipe(path: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+# ------------------------------------------------------------------------------------------------
+# pipeline
+
+
+def run_pipeline() -> None:
+    _limit_threads(_THREADS.value)
+    from simsiam_tf import data
+
+    if not _FOLDER.value:
+        raise app.UsageError("pipeline needs --folder")
+    config = _recipe(RECIPES[_RECIPE.value])
+    d = config.data
+    d.image_size = _IMAGE_SIZE.value or d.image_size
+    d.photometric = _PHOTOMETRIC.value
+    d.threads = _THREADS.value
+    batch = _BATCH.value or 64
+    source = data.load_source(f"folder:{_FOLDER.value}", "train", max_examples=_LIMIT.value)
+    steps = _STEPS.value or max(1, source.num_examples // batch)
+    rss0 = _rss_mb()
+    dataset = data.pretrain_dataset(source, d, config.aug, batch, seed=0)
+    it = iter(dataset)
+    for i in range(_WARMUP.value):
+        next(it)
+        _progress("warm-up", i + 1, _WARMUP.value)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for i in range(steps):
+        next(it)
+        _progress("timed batches", i + 1, steps)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    pairs = steps * batch
+    print(
+        f"files={source.num_examples} batches={steps} seconds={wall:.2f} "
+        f"load_avg={os.getloadavg()[0]:.1f}"
+    )
+    _report(
+        mode="pipeline",
+        recipe=_RECIPE.value,
+        photometric=d.photometric,
+        image_size=d.image_size,
+        threads=_THREADS.value,
+        batch=batch,
+        cores_used=cpu / wall,
+        cpu_ms_per_pair=1000.0 * cpu / pairs,
+        peak_rss_mb=_peak_rss_mb(),
+        rss_growth_mb=_peak_rss_mb() - rss0,
+        pairs_per_s=pairs / wall,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# step and fit
+
+
+def _build(config, batch: int, steps: int):
+    import tensorflow as tf
+
+    from simsiam_tf import train
+
+    config.optim.batch_size = batch
+    if _JIT.value != "config":
+        config.train.jit_compile = _JIT.value == "true"
+    if _IMAGE_SIZE.value:
+        config.data.image_size = _IMAGE_SIZE.value
+    if _PHOTOMETRIC.value != "cpu":
+        config.data.photometric = _PHOTOMETRIC.value
+    net, _ = train.build_model_and_optimizer(config, steps, tf.distribute.get_strategy())
+    return net
+
+
+def _synthetic(config, batch: int):
+    """One batch as the pipeline delivers it (uint8 views, plus params in device mode), repeated."""
+    import tensorflow as tf
+
+    from simsiam_tf import augment
+
+    size = config.data.image_size
+    views = {
+        f"view{v}": tf.cast(
+            tf.random.stateless_uniform((batch, size, size, 3), (v, 0), maxval=256, dtype=tf.int32),
+            tf.uint8,
+        )
+        for v in (1, 2)
+    }
+    if config.data.photometric == "device":
+        for v in (1, 2):
+            views[f"params{v}"] = augment.sample_photometric(
+                tf.constant([v, 1], tf.int64), batch, config.aug
+            )
+    return tf.data.Dataset.from_tensors(views).repeat()
+
+
+class _StepTimer:
+    """Keras callback: the time of every train batch end."""
+
+    def __init__(self, total: int):
+        import keras
+
+        times = self.times = []
+
+        class Timer(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                times.append(time.perf_counter())
+                _progress("steps", len(times), total)
+
+        self.callback = Timer()
+
+    def seconds_per_step(self, warmup: int) -> float:
+        t = self.times[warmup - 1 :] if warmup else self.times
+        return (t[-1] - t[0]) / (len(t) - 1)
+
+
+def _fit_seconds_per_step(net, dataset, warmup: int, steps: int):
+    timer = _StepTimer(warmup + steps)
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    net.fit(
+        dataset, epochs=1, steps_per_epoch=warmup + steps, callbacks=[timer.callback], verbose=0
+    )
+    cores = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+    return timer.seconds_per_step(warmup), cores
+
+
+def run_step() -> None:
+    _limit_threads(_THREADS.value)
+    config = _CONFIG.value
+    batch = _BATCH.value or 128
+    steps = _STEPS.value or 5
+    warmup = max(1, _WARMUP.value)
+    rss0 = _rss_mb()
+    net = _build(config, batch, warmup + steps)
+    per_step, cores = _fit_seconds_per_step(net, _synthetic(config, batch), warmup, steps)
+    print(
+        f"backbone={config.model.backbone} image_size={config.data.image_size} "
+        f"step_s={per_step:.3f} load_avg={os.getloadavg()[0]:.1f}"
+    )
+    _report(
+        mode="step",
+        backbone=config.model.backbone,
+        proj_layers=config.model.proj_layers,
+        batch=batch,
+        jit_compile=bool(config.train.jit_compile),
+        photometric=config.data.photometric,
+        threads=_THREADS.value,
+        cores_used=cores,
+        peak_rss_mb=_peak_rss_mb(),
+        rss_growth_mb=_peak_rss_mb() - rss0,
+        pairs_per_s=batch / per_step,
+    )
+
+
+def run_fit() -> None:
+    _limit_threads(_THREADS.value)
+    from simsiam_tf import data
+
+    if not _FOLDER.value:
+        raise app.UsageError("fit needs --folder")
+    config = _CONFIG.value
+    batch = _BATCH.value or 128
+    steps = _STEPS.value or 5
+    warmup = max(1, _WARMUP.value)
+    net = _build(config, batch, warmup + steps)
+    config.data.threads = _THREADS.value
+    source = data.load_source(f"folder:{_FOLDER.value}", "train", max_examples=_LIMIT.value)
+    pipeline = data.pretrain_dataset(source, config.data, config.aug, batch, seed=0)
+    # The same step on a batch already in memory: what the step costs without any input wait.
+    compute, _ = _fit_seconds_per_step(net, _synthetic(config, batch), warmup, steps)
+    end_to_end, cores = _fit_seconds_per_step(net, pipeline, warmup, steps)
+    wait = max(0.0, 1.0 - compute / end_to_end)
+    print(
+        f"step_s_synthetic={compute:.3f} step_s_pipeline={end_to_end:.3f} "
+        f"load_avg={os.getloadavg()[0]:.1f}"
+    )
+    _report(
+        mode="fit",
+        backbone=config.model.backbone,
+        image_size=config.data.image_size,
+        photometric=config.data.photometric,
+        batch=batch,
+        threads=_THREADS.value,
+        cores_used=cores,
+        input_wait_share=wait,
+        peak_rss_mb=_peak_rss_mb(),
+        pairs_per_s=batch / end_to_end,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# compare: ours and the reference, alternating
+
+
+def _run_child(cmd: list, key: str) -> tuple[float, float, str]:
+    """Runs cmd; returns (value of `key=` on its last line, CPU seconds it used, that line)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    last = out.stdout.strip().splitlines()[-1]
+    match = re.search(rf"(?:^|\s){key}=([0-9.eE+-]+)", last)
+    if not match:
+        raise RuntimeError(f"no {key}= in the last line of {' '.join(cmd)}:\n{out.stdout}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return float(match.group(1)), cpu, last
+
+
+def run_compare() -> None:
+    threads = _THREADS.value
+    me = [sys.executable, os.path.abspath(__file__)]
+    if _WHAT.value == "pipeline":
+        if not _FOLDER.value:
+            raise app.UsageError("compare --what=pipeline needs --folder")
+        n = threads or os.cpu_count()
+        ours = me + [
+            "pipeline",
+            f"--folder={_FOLDER.value}",
+            f"--threads={n}",
+            f"--photometric={_PHOTOMETRIC.value}",
+            f"--image_size={_IMAGE_SIZE.value or 224}",
+            f"--batch={_BATCH.value or 64}",
+            f"--limit={_LIMIT.value}",
+        ]
+        ref = [
+            _TORCH_PYTHON.value,
+            os.path.join(_REFERENCE_DIR.value, "torch_reference_pipeline.py"),
+            f"--folder={_FOLDER.value}",
+            f"--workers={n}",
+            f"--batch={_BATCH.value or 64}",
+            f"--limit={_LIMIT.value}",
+        ]
+        ref_key = "torch_pipeline_pairs_per_s"
+    else:
+        batch = _BATCH.value or 128
+        ours = (
+            me
+            + [
+                "step",
+                f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}",
+                f"--batch={batch}",
+                f"--threads={threads}",
+                f"--jit_compile={_JIT.value}",
+                f"--steps={_STEPS.value or 5}",
+            ]
+            + [a for a in sys.argv if a.startswith("--config.")]
+        )  # overrides, e.g. proj_layers
+        ref = [
+            _TORCH_PYTHON.value,
+            os.path.join(_REFERENCE_DIR.value, "torch_reference_step.py"),
+            f"--batch={batch}",
+            f"--steps={_STEPS.value or 5}",
+            f"--threads={threads}",
+        ] + (["--channels-last"] if _CHANNELS_LAST.value else [])
+        ref_key = "torch_step_pairs_per_s"
+    rows = {"ours": [], "reference": []}
+    load = [os.getloadavg()[0]]
+    for r in range(_ROUNDS.value):
+        for name, cmd, key in (("ours", ours, "pairs_per_s"), ("reference", ref, ref_key)):
+            value, cpu, last = _run_child(cmd, key)
+            rows[name].append((value, cpu))
+            print(f"round {r + 1} {name}: process_cpu_s={cpu:.1f} | {last}", flush=True)
+        load.append(os.getloadavg()[0])
+    med = {k: statistics.median(v for v, _ in rows[k]) for k in rows}
+    ratios = [a[0] / b[0] for a, b in zip(rows["ours"], rows["reference"])]
+    print(f"ours:      {' '.join(f'{v:.2f}' for v, _ in rows['ours'])}")
+    print(f"reference: {' '.join(f'{v:.2f}' for v, _ in rows['reference'])}")
+    print(f"per-round ratios: {' '.join(f'{r:.2f}' for r in ratios)}")
+    _report(
+        mode="compare",
+        what=_WHAT.value,
+        photometric=_PHOTOMETRIC.value,
+        threads=threads,
+        rounds=_ROUNDS.value,
+        load_avg_min=min(load),
+        load_avg_max=max(load),
+        reference_pairs_per_s=med["reference"],
+        ratio=med["ours"] / med["reference"],
+        median_round_ratio=statistics.median(ratios),
+        pairs_per_s=med["ours"],
+    )
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in MODES:
+        raise app.UsageError(f"usage: benchmark.py {{{'|'.join(MODES)}}} [--flags]")
+    {"pipeline": run_pipeline, "step": run_step, "fit": run_fit, "compare": run_compare}[argv[1]]()
+
+
+if __name__ == "__main__":
+    app.run(main)
