@@ -76,3 +76,26 @@ def two_replicas():
     """One MirroredStrategy over the 2 logical CPUs for the whole session: strategies created
     side by side in one process can collide on collective-op instance keys."""
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+# A tiny trained run, its SavedModel and the in-memory encoder, built once per session
+# (tests/export_helpers.py caches them) for the export, serving-client and embed tests.
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    from tests import export_helpers
+
+    return export_helpers.tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory):
+    from tests import export_helpers
+
+    return export_helpers.exported(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def enc(tmp_path_factory):
+    from tests import export_helpers
+
+    return export_helpers.encoder(tmp_path_factory)

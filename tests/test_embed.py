@@ -18,16 +18,6 @@ from tools import embed
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    return eh.exported(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def enc(tmp_path_factory):
-    return eh.encoder(tmp_path_factory)
-
-
 @pytest.fixture
 def folder(tmp_path):
     """Photos, generated PNG and JPEG images, a GIF and a BMP in a subfolder, a corrupt file."""

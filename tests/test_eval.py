@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from simsiam_tf import data, knn, linear, model, optim
 from tests.conftest import REPO
-from tests.helpers import tiny_config
+from tests.helpers import TINY_TRAIN_FLAGS, tiny_config
 
 # ------------------------------------------------------------------------------------------------
 # kNN
@@ -275,16 +275,8 @@ def _tool(*args, timeout=600):
     return proc.stdout
 
 
-TINY = [
-    "--config=configs/quickstart.py",
-    "--config.model.width=8",
-    "--config.model.proj_dim=64",
-    "--config.model.proj_hidden=64",
-    "--config.model.pred_hidden=16",
-    "--config.optim.batch_size=32",
-    "--config.optim.warmup_epochs=0",
+TINY = TINY_TRAIN_FLAGS + [
     "--config.train.steps_per_epoch=3",
-    "--config.train.verbose=2",
     "--config.eval.knn_every_epochs=1",
     "--config.eval.max_bank=300",
     "--config.eval.max_queries=100",

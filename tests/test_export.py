@@ -24,21 +24,6 @@ SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return eh.tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    return eh.exported(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def enc(tmp_path_factory):
-    return eh.encoder(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def loaded(saved_model):
     return tf.saved_model.load(saved_model)
 

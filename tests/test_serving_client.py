@@ -25,16 +25,6 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    return eh.exported(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def enc(tmp_path_factory):
-    return eh.encoder(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def photos():
     """Photos the model never saw: scikit-learn's two JPEGs, and one of them as a PNG."""
     found = eh.sample_photos()
