@@ -93,8 +93,12 @@ def build_model_and_optimizer(config, steps_per_epoch: int, strategy=None):
     return net, opt
 
 
-def make_knn_evaluator(config, workdir=None):
-    """A kNN evaluator for the configured source, or None when it has no labelled test split."""
+def make_knn_evaluator(config, workdir=None, train_source=None):
+    """A kNN evaluator for the configured source, or None when it has no labelled test split.
+
+    `train_source`, the already loaded (and checked) training split, is reused as the bank when
+    the bank is that very split and subset, so it is not read and decoded a second time.
+    """
     d, e = config.data, config.eval
     kwargs = dict(
         max_examples=0,
@@ -102,11 +106,18 @@ def make_knn_evaluator(config, workdir=None):
         tfds_data_dir=d.tfds_data_dir or None,
         tfds_download=d.tfds_download,
     )
-    bank = data.load_source(d.source, e.bank_split, **{**kwargs, "max_examples": e.max_bank})
-    queries = data.load_source(d.source, e.query_split, **{**kwargs, "max_examples": e.max_queries})
-    if d.check_images:
-        bank = bank and imagecheck.drop_undecodable(bank, d.strict, workdir)
-        queries = queries and imagecheck.drop_undecodable(queries, d.strict, workdir)
+
+    def load(split, max_examples):
+        source = data.load_source(d.source, split, **{**kwargs, "max_examples": max_examples})
+        if source is not None and d.check_images:
+            source = imagecheck.drop_undecodable(source, d.strict, workdir)
+        return source
+
+    if train_source is not None and e.bank_split == "train" and e.max_bank == d.max_examples:
+        bank = train_source
+    else:
+        bank = load(e.bank_split, e.max_bank)
+    queries = load(e.query_split, e.max_queries)
     if bank is None or queries is None or bank.num_classes < 2:
         logging.warning(
             "No kNN evaluation: %s has no labelled %r and %r splits",
@@ -177,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.train.backup_every_steps,
     )
     initial_epoch, initial_batch = checkpointer.restore()
-    evaluator = make_knn_evaluator(config, workdir) if workers == 1 else None
+    evaluator = make_knn_evaluator(config, workdir, source) if workers == 1 else None
     if workers > 1:
         logging.info("%d workers: no kNN during training; run tools/eval_knn.py after", workers)
 
