@@ -5,8 +5,9 @@
 Recipe: batch 512, base lr 0.03 (lr = 0.03 x 512/256 = 0.06), SGD momentum 0.9, weight decay
 5e-4, cosine decay, 800 epochs; 2-layer 2048-d projector, 512-d predictor bottleneck; MoCo v2
 augmentations without blur at 32 px. Paper: 91.8% linear accuracy (appendix D, Figure D.1).
-Data: TFDS cifar10 (downloads once), or the JPEG folder with
-    --config.data.source=folder:/path/to/cifar10   (with train/ and test/ subfolders).
+Data: TFDS cifar10 (downloads once; needs the network), or a local copy with train/ and test/
+class subfolders: --config.data.source=folder:PATH, or, for the JPEG archive beside this
+repository, --config.data.source=archive:../shared/data/cifar10-jpeg.tar.gz
 Expected cost on one V100-class GPU: about 25 s per epoch, 6 hours for 800 epochs.
 """
 

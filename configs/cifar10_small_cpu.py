@@ -1,17 +1,21 @@
 """SimSiam on a 10,000-image CIFAR-10 subset with a small CNN: the CPU budget of docs/RESULTS.md.
 
-    python tools/train.py --config=configs/cifar10_small_cpu.py --workdir=runs/c10_small \
-        --config.data.source=folder:/tmp/cifar10
+    python tools/train.py --config=configs/cifar10_small_cpu.py --workdir=runs/c10_small
 
-(`/tmp/cifar10` holds train/ and test/ class subfolders: the CIFAR-10 JPEGs unpacked with
-`tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10`.) Measured (docs/RESULTS.md):
+Data: the CIFAR-10 JPEGs (train/ and test/ class subfolders) in the archive
+`../shared/data/cifar10-jpeg.tar.gz` (relative to the repository root, where the tools run),
+unpacked once into the cache by the `archive:` source. Elsewhere, point it at a copy:
+`--config.data.source=archive:PATH.tar.gz`, `folder:PATH` (an unpacked folder) or
+`tfds:cifar10` (TFDS downloads the original PNG release; figures then differ slightly, since
+the JPEG copy is a re-encoding). Measured (docs/RESULTS.md):
 the kNN top-1 (k=200, T=0.1, bank = the same 10,000 training images, queries = the 10,000 test
 images) dips below the network's random-initialisation score (32.2%) in epoch 1, crosses it in
 epoch 2 and is 5.5 points above it after 13 of the 20 epochs (37.7%; linear probe 46.3%), at
-100-240 s per epoch on a shared 2-core CPU. Not a paper number.
+100-240 s per epoch on a 2-core CPU (the spread follows the
+machine's load; docs/RESULTS.md). Not a paper number.
 
 Departures from the paper's CIFAR recipe (appendix D, `configs/cifar10_resnet18.py`), all to
-fit a shared 2-core CPU:
+fit a 2-core CPU:
   * backbone `cnn_small` (6 convs, width 32, 256-d features) instead of the CIFAR ResNet-18
     (34 M multiply-adds per 32x32 image against 0.56 G: about 16x cheaper);
   * projector 2 x 512 and predictor bottleneck 128 instead of 2048 / 512;
@@ -34,7 +38,7 @@ def get_config():
     c.model.proj_dim = 512
     c.model.proj_hidden = 512
     c.model.pred_hidden = 128
-    c.data.source = "folder:/tmp/cifar10"
+    c.data.source = "archive:../shared/data/cifar10-jpeg.tar.gz"
     c.data.max_examples = 10_000
     c.data.image_size = 32
     c.optim.batch_size = 64

@@ -7,7 +7,7 @@ Recipe: batch 512, base lr 0.05 (lr = 0.05 x 512/256 = 0.1), SGD momentum 0.9, w
 bottleneck; synchronised BN across replicas; MoCo v2 augmentations at 224 px. Paper: 68.1%
 linear accuracy after 100 epochs (Table 4). Data: TFDS imagenet2012, which needs the ImageNet
 archives placed by hand (see TFDS's imagenet2012 page), or an image folder:
-    --config.data.source=folder:/path/to/imagenet   (with train/ and val/ class subfolders,
+    --config.data.source=folder:PATH   (PATH with train/ and val/ class subfolders,
     and --config.eval.query_split=val).
 Photometric augmentation on the GPU keeps 8 GPUs fed from far fewer cores: set
     --config.data.photometric=device.

@@ -126,6 +126,13 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
     kind, arg = data.parse_source(d.source)
     if kind == "folder" and not os.path.isdir(arg):
         _fail("data.source", d.source, f"folder {arg} does not exist")
+    if kind == "archive" and not os.path.isfile(arg):
+        _fail(
+            "data.source",
+            d.source,
+            f"archive {arg} does not exist (paths are relative to the current directory; "
+            "without the archive, data.source=tfds:NAME downloads a data set)",
+        )
     if d.photometric not in PHOTOMETRIC:
         _fail("data.photometric", d.photometric, f"choose one of {PHOTOMETRIC}")
     if d.image_size < MIN_IMAGE_SIZE[m.backbone]:
@@ -165,8 +172,15 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail("optim.base_lr", o.base_lr, "must be > 0")
     if o.epochs < 1:
         _fail("optim.epochs", o.epochs, "must be a positive integer")
-    if not 0 <= o.warmup_epochs < o.epochs:
-        _fail("optim.warmup_epochs", o.warmup_epochs, f"must be in [0, epochs={o.epochs})")
+    if o.warmup_epochs < 0:
+        _fail("optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    if o.warmup_epochs >= o.epochs:
+        _fail(
+            "optim.warmup_epochs",
+            o.warmup_epochs,
+            f"the warm-up must be shorter than the run (optim.epochs={o.epochs}); set "
+            f"--config.optim.warmup_epochs below {o.epochs} or raise --config.optim.epochs",
+        )
     if o.weight_decay < 0:
         _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
     if not 0 <= o.momentum < 1:

@@ -8,6 +8,8 @@ Sources, named by `data.source`:
   tfds:NAME        a TensorFlow Datasets builder (cifar10, imagenet2012, ...)
   tfrecord:DIR     sharded TFRecords written by tools/make_tfrecords.py (or a glob of them),
                    read as a stream, sharded by file over workers
+  archive:FILE     a .tar, .tar.gz, .tgz or .zip of such an image folder, unpacked once into
+                   the cache ($SIMSIAM_TF_CACHE, else ~/.cache/simsiam_tf) and read as a folder
 
 Each image is read once per epoch and both views are cut from it, each with its own random
 draw (never one draw per batch). Every random number is keyed by (seed, epoch, batch or
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tarfile
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -27,7 +32,8 @@ from absl import logging
 from simsiam_tf import augment
 from simsiam_tf.errors import ConfigError
 
-SOURCE_KINDS = ("builtin", "folder", "tfds", "tfrecord")
+SOURCE_KINDS = ("builtin", "folder", "tfds", "tfrecord", "archive")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 BUILTINS = ("digits",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 # Sources whose decoded images take less than this are held in memory as one array.
@@ -66,12 +72,17 @@ def parse_source(spec: str) -> tuple[str, str]:
     if not sep or kind not in SOURCE_KINDS or not arg:
         raise ConfigError(
             f"data.source={spec!r} is not understood; expected one of "
-            f"'builtin:{'|'.join(BUILTINS)}', 'folder:PATH', 'tfds:NAME', 'tfrecord:DIR'"
+            f"'builtin:{'|'.join(BUILTINS)}', 'folder:PATH', 'tfds:NAME', 'tfrecord:DIR', "
+            "'archive:FILE.tar.gz'"
         )
     if kind == "builtin" and arg not in BUILTINS:
         raise ConfigError(
             f"data.source={spec!r}: unknown built-in data set; choose one of {BUILTINS}"
         )
+    if kind in ("folder", "tfrecord", "archive"):
+        arg = os.path.expanduser(arg)  # folder:~/photos, as a shell would read it
+    if kind == "archive" and not arg.lower().endswith(ARCHIVE_SUFFIXES):
+        raise ConfigError(f"data.source={spec!r}: an archive ends in one of {ARCHIVE_SUFFIXES}")
     return kind, arg
 
 
@@ -100,6 +111,8 @@ def load_source(
         source = _load_digits(split)
     elif kind == "folder":
         source = _load_folder(arg, split)
+    elif kind == "archive":
+        source = _load_folder(unpacked_archive(arg), split)
     elif kind == "tfds":
         source = _load_tfds(arg, split, tfds_data_dir, tfds_download)
     else:
@@ -212,12 +225,66 @@ def _load_folder(root: str, split: str) -> Optional[Source]:
     )
 
 
+def cache_dir() -> str:
+    """Where unpacked archives are kept: $SIMSIAM_TF_CACHE, else ~/.cache/simsiam_tf."""
+    return os.environ.get("SIMSIAM_TF_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "simsiam_tf"
+    )
+
+
+def unpacked_archive(path: str) -> str:
+    """The image folder inside an archive, unpacked once into the cache (atomically: a run
+    killed mid-unpack leaves no half folder) and reused while the archive is unchanged."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.source=archive:{path}: no such file")
+    stat = os.stat(path)
+    name = os.path.basename(path)
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    dest = os.path.join(cache_dir(), "archives", f"{name}-{stat.st_size}-{stat.st_mtime_ns}")
+    if not os.path.isdir(dest):
+        partial = f"{dest}.partial-{os.getpid()}"
+        logging.info("Unpacking %s into %s (once)", path, dest)
+        try:
+            if path.lower().endswith(".zip"):
+                with zipfile.ZipFile(path) as archive:
+                    archive.extractall(partial)
+            else:
+                with tarfile.open(path) as archive:
+                    archive.extractall(partial, filter="data")  # no links or paths outside
+        except (tarfile.TarError, zipfile.BadZipFile, OSError) as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ConfigError(f"data.source=archive:{path}: cannot unpack it ({err})") from None
+        try:
+            os.rename(partial, dest)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(partial, ignore_errors=True)
+    entries = [e for e in os.listdir(dest) if not e.startswith(".")]
+    if len(entries) == 1 and os.path.isdir(os.path.join(dest, entries[0])):
+        return os.path.join(dest, entries[0])  # the archive wraps the folder in one directory
+    return dest
+
+
 def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Optional[Source]:
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
-    if download:
-        builder.download_and_prepare()
+    if download and not builder.is_prepared():
+        logging.info(
+            "Downloading and preparing tfds:%s into %s (needs the network; offline, use "
+            "data.source=folder:PATH or archive:FILE)",
+            name,
+            builder.data_dir,
+        )
+        try:
+            builder.download_and_prepare()
+        except Exception as err:  # noqa: BLE001 - any download failure: say what to do
+            raise ConfigError(
+                f"data.source=tfds:{name}: the download failed ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); check the network, or use "
+                "data.source=folder:PATH or archive:FILE with a local copy"
+            ) from err
     elif not builder.is_prepared():
         raise ConfigError(
             f"data.source=tfds:{name}: not prepared under {builder.data_dir} and "

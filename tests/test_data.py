@@ -1,9 +1,12 @@
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from simsiam_tf import data
 from simsiam_tf.config import default_config
+from simsiam_tf.errors import ConfigError
 from tests.conftest import write_images
 
 
@@ -183,3 +186,49 @@ def test_tfds_source_on_a_real_prepared_dataset(cifar10_folder, tmp_path):
 def test_tfds_not_prepared_and_download_off_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not prepared"):
         data.load_source("tfds:cifar10", tfds_data_dir=str(tmp_path), tfds_download=False)
+
+
+def test_archive_source_unpacks_once_into_the_cache_and_reads_as_the_folder(tmp_path, monkeypatch):
+    import tarfile
+
+    from tests.conftest import write_images
+
+    for split, n in (("train", 6), ("test", 3)):
+        for cls in ("cat", "dog"):
+            write_images(str(tmp_path / "photos" / split / cls), n, seed=n)
+    archive = tmp_path / "photos.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "photos", arcname="photos")
+    monkeypatch.setenv("SIMSIAM_TF_CACHE", str(tmp_path / "cache"))
+
+    spec = f"archive:{archive}"
+    train = data.load_source(spec, "train")
+    folder = data.load_source(f"folder:{tmp_path / 'photos'}", "train")
+    assert (train.num_examples, train.class_names) == (12, ("cat", "dog"))
+    np.testing.assert_array_equal(train.labels, folder.labels)
+    assert [os.path.relpath(f, train.name.split(":", 1)[1]) for f in train.files] == [
+        os.path.relpath(f, folder.name.split(":", 1)[1]) for f in folder.files
+    ]
+    assert data.load_source(spec, "test").num_examples == 6
+    unpacked = os.listdir(tmp_path / "cache" / "archives")
+    assert len(unpacked) == 1 and ".partial" not in unpacked[0]
+    stamp = os.stat(tmp_path / "cache" / "archives" / unpacked[0]).st_mtime_ns
+    data.load_source(spec, "train")  # reused, not unpacked again
+    assert os.stat(tmp_path / "cache" / "archives" / unpacked[0]).st_mtime_ns == stamp
+
+
+def test_archive_source_refuses_members_outside_its_folder(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    monkeypatch.setenv("SIMSIAM_TF_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="cannot unpack"):
+        data.load_source(f"archive:{archive}", "train")
+    assert not (tmp_path / "cache" / "outside.txt").exists()
+    archives = tmp_path / "cache" / "archives"
+    assert not archives.exists() or not os.listdir(archives)  # no half-unpacked folder
