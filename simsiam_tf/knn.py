@@ -15,10 +15,12 @@ def extract_features(backbone, dataset) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised backbone features (BN in inference mode) and labels of a dataset of
     (images, labels) batches."""
 
+    # A plain traced call, not predict_on_batch: under MirroredStrategy, Keras 3's
+    # predict_on_batch returns one copy of the outputs per replica (2N rows for N images).
+    embed = tf.function(lambda images: backbone(images, training=False), reduce_retracing=True)
     feats, labels = [], []
     for images, y in dataset:
-        # predict_on_batch reuses the model's compiled inference function across calls.
-        feats.append(np.asarray(backbone.predict_on_batch(images), np.float32))
+        feats.append(np.asarray(embed(images), np.float32))
         labels.append(y.numpy())
     feats = np.concatenate(feats)
     feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)

@@ -52,3 +52,23 @@ def test_global_batch_must_divide_over_replicas():
         config_lib.validate(c, num_replicas=2)
     c.optim.batch_size = 16
     config_lib.validate(c, num_replicas=2)
+
+
+def test_knn_features_under_two_replicas_have_one_row_per_image(two_replicas):
+    """Keras 3's predict_on_batch returns a copy per replica under MirroredStrategy; the kNN
+    features must still be one row per image, equal to the single-device features."""
+    import keras
+
+    from simsiam_tf import knn
+
+    with two_replicas.scope():
+        keras.utils.set_random_seed(0)
+        mirrored = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    plain.set_weights(mirrored.get_weights())
+    images = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((images, np.arange(10))).batch(4)
+    feats, labels = knn.extract_features(mirrored, ds)
+    ref, _ = knn.extract_features(plain, ds)
+    assert feats.shape == (10, 3) and list(labels) == list(range(10))
+    np.testing.assert_allclose(feats, ref, rtol=1e-6, atol=1e-6)
