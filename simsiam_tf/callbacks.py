@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -17,12 +18,15 @@ from absl import logging
 
 from simsiam_tf import data, knn
 
+# Ctrl-C and a preemption notice both end a run cleanly: a checkpoint after the current step.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class Checkpointer(keras.callbacks.Callback):
     """Saves model and optimizer (momentum buffers and step count, hence the lr schedule
     position and the position in the data) under WORKDIR/checkpoints: after every epoch, every
-    `every_steps` steps, and on SIGTERM (a preemption notice), after which training stops
-    cleanly. `restore` resumes from the latest, mid-epoch included: the pipeline is a pure
+    `every_steps` steps, and on Ctrl-C or SIGTERM (a preemption notice), after which training
+    stops cleanly (a second Ctrl-C exits at once). `restore` resumes from the latest, mid-epoch included: the pipeline is a pure
     function of (seed, epoch, batch), so (epoch, batch) = divmod(step, steps_per_epoch) is all
     a resume needs to feed the very batches an uninterrupted run would have seen.
 
@@ -45,8 +49,8 @@ class Checkpointer(keras.callbacks.Callback):
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep)
         self.every_steps = every_steps
-        self._preempted = False
-        self._previous_handler = None
+        self._stop_signal = 0
+        self._previous_handlers = {}
 
     @property
     def step(self) -> int:
@@ -79,27 +83,36 @@ class Checkpointer(keras.callbacks.Callback):
         return self.manager.save(checkpoint_number=self.step)
 
     @property
-    def preempted(self) -> bool:
-        return self._preempted
+    def stopped_by(self) -> int:
+        """The signal (SIGINT or SIGTERM) that stopped training after a checkpoint, else 0."""
+        return self._stop_signal
 
     def on_train_begin(self, logs=None):
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in _STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_stop_signal)
 
     def on_train_end(self, logs=None):
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
-    def _on_sigterm(self, signum, frame):
-        logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
-        self._preempted = True
+    def _on_stop_signal(self, signum, frame):
+        if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+            # A second Ctrl-C: the user will not wait for the step; the last checkpoint stays.
+            sys.stderr.write("\nCtrl-C again: stopped at once; the last checkpoint is kept\n")
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGINT)
+        if signum == signal.SIGTERM:
+            logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self._stop_signal = signum
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._preempted or (self.every_steps and self.step % self.every_steps == 0):
+        if self._stop_signal or (self.every_steps and self.step % self.every_steps == 0):
             path = self.save()
-            if self._preempted:
-                logging.warning("Saved %s; stopped for preemption, rerun to resume", path)
+            if self._stop_signal:
+                if self._stop_signal == signal.SIGTERM:
+                    logging.warning("Saved %s; stopped for preemption, rerun to resume", path)
                 self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
@@ -198,8 +211,17 @@ class HistoryWriter(keras.callbacks.Callback):
         super().__init__()
         self.path = path
         self.start = start_time or time.time()
+        self._batches = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._batches < ((self.params or {}).get("steps") or 0):
+            return  # cut short (Ctrl-C, SIGTERM): the resumed run writes the whole epoch
         row = {"epoch": epoch + 1, "time": time.time() - self.start}
         row.update({k: float(np.asarray(v)) for k, v in (logs or {}).items()})
         with open(self.path, "a") as f:

@@ -44,7 +44,9 @@ def make_strategy(cpu_devices: int = 0, tpu: str = "") -> tf.distribute.Strategy
         cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
         logging.info("TF_CONFIG found: MultiWorkerMirroredStrategy over %s", cluster)
         return tf.distribute.MultiWorkerMirroredStrategy()
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical devices: listing them does not start the runtime, so the CPU can still be split
+    # below (listing logical devices would initialise TensorFlow with one CPU device).
+    gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         logging.info("MirroredStrategy over %d GPU(s)", len(gpus))
         return tf.distribute.MirroredStrategy()

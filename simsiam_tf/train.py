@@ -12,9 +12,13 @@ WORKDIR/
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import signal
+import socket
+import sys
 import time
 
 import keras
@@ -35,17 +39,111 @@ from simsiam_tf import (
 from simsiam_tf import config as config_lib
 from simsiam_tf.errors import ConfigError
 
+# Keys a rerun may change freely: they change how a run is shown, monitored or stored, not what
+# it computes. Every other key (model, data, augmentation, optimiser, seed, precision, replicas,
+# kNN settings whose numbers fill the history) changes the run's meaning.
+COSMETIC_KEYS = frozenset(
+    {
+        "train.verbose",
+        "train.log_every_steps",
+        "train.keep_checkpoints",
+        "train.backup_every_steps",
+        "train.jit_compile",
+        "train.deterministic",
+        "train.tpu",
+        "data.threads",
+        "data.check_images",
+        "data.strict",
+        "data.tfds_data_dir",
+        "data.tfds_download",
+        "eval.knn_every_epochs",
+        "eval.knn_batch",
+        "eval.collapse_threshold",
+        "eval.collapse_patience",
+        "eval.collapse_stop",
+    }
+)
+# Changed on purpose to train a run longer (or stop it sooner): allowed, and said.
+LENGTH_KEY = "optim.epochs"
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+
+def config_changes(saved: dict, new: dict) -> list:
+    """(key, saved value, new value) for every key of the saved config the new one changes.
+
+    Keys the saved config lacks (added to the project after the run started) keep their
+    defaults and are not counted as changes.
+    """
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    return [
+        (key, old_flat[key], new_flat.get(key))
+        for key in sorted(old_flat)
+        if key in new_flat and old_flat[key] != new_flat[key]
+    ]
+
+
+def write_config(
+    config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False
+) -> None:
+    """Saves the resolved config; on a rerun, first refuses a change of the run's meaning.
+
+    Raises ConfigError naming every meaningful key the rerun changes (old and new values),
+    unless `allow_change`.
+    """
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         with open(path) as f:
-            old = json.load(f)
-        if old != new:
-            logging.warning("%s differs from the config of this run; the new one is kept", path)
+            saved = json.load(f)
+        changes = config_changes(saved, new)
+        meaningful = [c for c in changes if c[0] not in COSMETIC_KEYS and c[0] != LENGTH_KEY]
+        if meaningful and not allow_change:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in meaningful)
+            raise ConfigError(
+                f"{workdir} holds a run with another config ({listed}). Rerun with the saved "
+                f"values to resume it, use a new --workdir for a new run, or pass "
+                f"--allow_config_change to resume it with the new values"
+            )
+        for key, old, value in changes:
+            if key == LENGTH_KEY:
+                logging.info("optim.epochs %s -> %s: the schedule now spans %s", old, value, value)
+            elif key in COSMETIC_KEYS or allow_change:
+                logging.warning(
+                    "%s changed from %r to %r for the rest of this run", key, old, value
+                )
     with open(path, "w") as f:
         json.dump(new, f, indent=2, sort_keys=True)
+
+
+class RunLocked(RuntimeError):
+    """Another process is training into the same run directory."""
+
+
+def lock_workdir(workdir: str):
+    """Takes the run directory's lock, or raises RunLocked naming the process that holds it.
+
+    An flock: the OS releases it when its holder exits, however it dies, so a lock left by a
+    killed run never blocks. Returns the open lock file; keep it open for the whole run.
+    """
+    path = os.path.join(workdir, ".lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLocked(
+            f"{workdir} is in use by {holder}; wait for it to finish or stop it, or train into "
+            "another --workdir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(
+        f"pid {os.getpid()} on {socket.gethostname()} since "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)})"
+    )
+    handle.flush()
+    return handle
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -129,21 +227,38 @@ def make_knn_evaluator(config, workdir=None, train_source=None):
     return callbacks.KnnEvaluator(bank, queries, d.image_size, e, d.eval_crop_fraction)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrains (or resumes) SimSiam as configured; returns the summary written to the run."""
+def train(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+) -> dict:
+    """Pretrains (or resumes) SimSiam as configured; returns the summary written to the run.
+
+    Raises ConfigError (a bad config, a rerun that would change the run's meaning), RunLocked
+    (another process trains into `workdir`) and Stopped (Ctrl-C or SIGTERM, after a checkpoint).
+    """
     start = time.time()
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file; give a directory (created if missing)")
+    config_lib.validate(config)
     strategy = distribute.make_strategy(config.train.cpu_devices, config.train.tpu)
     config_lib.validate(config, strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(config.train.precision)
     keras.utils.set_random_seed(config.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    workers = distribute.num_workers(strategy)
     if not distribute.is_chief(strategy):
         # Every worker takes part in every step and save; only the chief writes WORKDIR.
         workdir = os.path.join(workdir, ".workers", str(strategy.cluster_resolver.task_id))
     os.makedirs(workdir, exist_ok=True)
-    write_config(config, workdir)
+    lock = lock_workdir(workdir)
+    try:
+        return _train(config, workdir, strategy, allow_config_change, start)
+    finally:
+        lock.close()
+
+
+def _train(config, workdir, strategy, allow_config_change, start) -> dict:
+    workers = distribute.num_workers(strategy)
+    write_config(config, workdir, allow_config_change)
 
     d = config.data
     source = data.load_source(
@@ -242,7 +357,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if evaluator:
             cbs.insert(1, callbacks.KnnMonitor(evaluator, config.eval.knn_every_epochs, epochs))
         cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tb"), update_freq="epoch"))
-        fit_kwargs = dict(callbacks=cbs, verbose=config.train.verbose, shuffle=False)
+        verbose = config.train.verbose
+        if verbose == 1 and not sys.stdout.isatty():
+            verbose = 2  # a log file (nohup, SLURM, CI) gets one line per epoch, not redraws
+        fit_kwargs = dict(callbacks=cbs, verbose=verbose, shuffle=False)
         if initial_batch:
             # Finish the interrupted epoch first: a fit over just its remaining batches.
             logging.info("Resuming epoch %d at batch %d", initial_epoch + 1, initial_batch)
@@ -254,7 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 **fit_kwargs,
             )
             initial_epoch += 1
-        if initial_epoch < epochs and not checkpointer.preempted:
+        if initial_epoch < epochs and not checkpointer.stopped_by:
             net.fit(
                 dataset(initial_epoch, epochs - initial_epoch),
                 epochs=epochs,
@@ -262,16 +380,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 steps_per_epoch=steps,
                 **fit_kwargs,
             )
-        if checkpointer.preempted:
-            raise Preempted(f"stopped by SIGTERM at step {checkpointer.step}; rerun to resume")
+        if checkpointer.stopped_by:
+            raise Stopped(checkpointer.stopped_by, checkpointer.step, steps)
     else:
         logging.info("%s already holds all %d epochs", workdir, epochs)
     net.backbone.save_weights(os.path.join(workdir, "backbone.weights.h5"))
     return write_summary(workdir, net.proj_dim, time.time() - start)
 
 
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM after saving a checkpoint."""
+class Stopped(RuntimeError):
+    """Training stopped on Ctrl-C (SIGINT) or SIGTERM after saving a checkpoint.
+
+    `exit_code` is the shell's convention for the signal: 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, signum: int, step: int, steps_per_epoch: int):
+        epoch, batch = divmod(step, steps_per_epoch)
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        super().__init__(
+            f"stopped by {name} at step {step} (epoch {epoch + 1}, batch {batch}) with a "
+            "checkpoint saved; rerunning the same command resumes"
+        )
+        self.exit_code = 128 + signum
 
 
 def write_summary(workdir: str, proj_dim: int, wall_seconds: float) -> dict:

@@ -80,7 +80,6 @@ from absl import app, flags  # noqa: E402
 from simsiam_tf.errors import ConfigError  # noqa: E402
 
 
-
 class _LibraryInfoFilter(py_logging.Filter):
     """Drops INFO records that TensorFlow's own modules send through absl (checkpoint sharding
     timings, SavedModel "Assets written"); their warnings and errors pass, as do our logs."""
