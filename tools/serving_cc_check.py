@@ -110,7 +110,9 @@ def predict_request(
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature
     for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        value = np.asarray(value)
+        dtype = tf.string if value.dtype == object else None  # also when empty
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value, dtype=dtype))
     request.output_filter.extend(output_filter)
     return request.SerializeToString()
 
@@ -214,9 +216,9 @@ def photo_requests(files: Sequence[str], signatures: dict) -> tuple[dict, dict]:
         if np.dtype(dtype) == np.dtype(object):  # tf.string: encoded images
             cases[f"{signature}/all"] = (signature, {key: np.array(encoded, object)})
             continue
-        for path, data in zip(files, encoded):
+        for i, (path, data) in enumerate(zip(files, encoded)):
             pixels = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-            cases[f"{signature}/{os.path.basename(path)}"] = (
+            cases[f"{signature}/{i}/{path}"] = (
                 signature,
                 {key: pixels[None].astype(dtype)},
             )
