@@ -17,8 +17,9 @@
 //       {KEY: {"name": TENSOR, "dtype": "DT_UINT8", "shape": null or [d, ...]}}, "outputs": ...}}}
 //   {"warmup_file": F, "record": I, "signature": S, "ok": true, "outputs": {KEY: [d, ...]}}
 //   {"warmup_file": F, "records": N, "ok": true}            (or "ok": false, "code", "error")
-//   {"request": F, "signature": S, "ok": true, "response": F.response, "outputs": {KEY: shape}}
-//   {"request": F, "ok": false, "code": "INVALID_ARGUMENT", "error": MESSAGE}
+//   {"request": F, "signature": S, "ok": true, "response": F.response, "outputs": {KEY: shape},
+//    "max_rss_mb": PEAK}   (the process's peak resident memory so far)
+//   {"request": F, "ok": false, "code": "INVALID_ARGUMENT", "error": MESSAGE, "max_rss_mb": PEAK}
 // Exit status: 0 when the model loaded and every warm-up file replayed (a refused request is
 // reported, as TF Serving answers it with an error, and is not fatal); 1 when a warm-up file
 // failed; 2 for a bad command line or a model that does not load.
@@ -26,6 +27,8 @@
 // The tensorflow_serving protos are not part of the TensorFlow wheel, so PredictionLog,
 // PredictRequest and PredictResponse are read and written here by their wire format (field
 // numbers from tensorflow_serving/apis/*.proto); the tensors inside are real TensorProtos.
+
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cctype>
@@ -421,7 +424,8 @@ bool ReplayWarmup(const SavedModelBundle& bundle, const std::string& path) {
 // Versions and main.
 
 bool AllDigits(absl::string_view s) {
-  return !s.empty() && std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c); });
+  return !s.empty() &&
+         std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isdigit(c) != 0; });
 }
 
 // MODEL_PATH itself when it is a SavedModel, else its highest all-digit subdirectory (TF
@@ -449,6 +453,14 @@ absl::Status ResolveModel(const std::string& model_path, std::string* dir, int64
   const std::string base = std::string(tensorflow::io::Basename(*dir));
   *version = AllDigits(base) && base.size() <= 18 ? std::stoll(base) : -1;
   return absl::OkStatus();
+}
+
+// The process's peak resident memory so far: a request that made it allocate in proportion to a
+// size it merely declares shows as a jump.
+int64_t MaxRssMb() {
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss / 1024;  // Linux: kilobytes
 }
 
 int Usage(const char* message) {
@@ -518,11 +530,12 @@ int main(int argc, char** argv) {
           SerializePredictResponse(outputs, signature, version));
     }
     if (!status.ok()) {
-      Emit(absl::StrCat(head, JsonError(status), "}"));
+      Emit(absl::StrCat(head, JsonError(status), ", \"max_rss_mb\": ", MaxRssMb(), "}"));
       continue;
     }
     Emit(absl::StrCat(head, "\"signature\": ", Json(signature), ", \"ok\": true, \"response\": ",
-                      Json(response_path), ", \"outputs\": ", JsonOutputShapes(outputs), "}"));
+                      Json(response_path), ", \"outputs\": ", JsonOutputShapes(outputs),
+                      ", \"max_rss_mb\": ", MaxRssMb(), "}"));
   }
   return warmed_up ? 0 : 1;
 }
