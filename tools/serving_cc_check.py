@@ -281,35 +281,41 @@ def check(binary: str, saved_model: str, files: Sequence[str], atol: float) -> l
     return lines
 
 
-_SAVED_MODEL = flags.DEFINE_string(
-    "saved_model", None, "An export: a model's base path (its highest version) or one version."
-)
-_BUILD_DIR = flags.DEFINE_string(
-    "build_dir", None, "Where to build the program (reused when up to date); default: a temp dir."
-)
-_ATOL = flags.DEFINE_float("atol", 1e-6, "Largest allowed |C++ - Python| of any output value.")
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so tests can import this file)."""
+    flags.DEFINE_string(
+        "saved_model", None, "An export: a model's base path (its highest version) or a version."
+    )
+    flags.DEFINE_string(
+        "build_dir",
+        None,
+        "Where to build the program (reused while up to date); default: a temp dir.",
+    )
+    flags.DEFINE_float("atol", 1e-6, "Largest allowed |C++ - Python| of any output value.")
+    flags.mark_flag_as_required("saved_model")
 
 
 def main(argv):
-    if not _SAVED_MODEL.value:
-        raise app.UsageError("--saved_model is required")
+    f = flags.FLAGS
     files = argv[1:]
     for path in files:
         if not os.path.isfile(path):
-            raise app.UsageError(f"{path}: no such photo file")
-    build_dir = _BUILD_DIR.value or tempfile.mkdtemp(prefix="serving_cc_build_")
+            sys.exit(f"error: {path}: no such photo file")
+    if not os.path.isdir(f.saved_model):
+        sys.exit(f"error: --saved_model={f.saved_model}: no such directory")
+    build_dir = f.build_dir or tempfile.mkdtemp(prefix="serving_cc_build_")
     try:
         binary = build(build_dir)
-        for line in check(binary, _SAVED_MODEL.value, files, _ATOL.value):
+        for line in check(binary, f.saved_model, files, f.atol):
             print(line)
     except CheckError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {err}")
     finally:
-        if not _BUILD_DIR.value:
+        if not f.build_dir:
             shutil.rmtree(build_dir, ignore_errors=True)
     print("OK")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
