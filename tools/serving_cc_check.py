@@ -149,15 +149,13 @@ def run(
     requests: Optional[dict] = None,
     warmup: bool = False,
     warmup_files: Sequence[str] = (),
-    workdir: Optional[str] = None,
     timeout: float = 600,
 ) -> Run:
-    """Runs the check: loads model_path, replays the warm-up files, sends `requests`
+    """Runs the program: loads model_path, replays the warm-up files, sends `requests`
     ({name: serialized PredictRequest}) in order. Raises CheckError if the process crashed or
     left a request unanswered."""
     requests = requests or {}
-    own_tmp = workdir is None
-    workdir = workdir or tempfile.mkdtemp(prefix="serving_cc_")
+    workdir = tempfile.mkdtemp(prefix="serving_cc_")
     try:
         paths = {}
         for i, (name, request) in enumerate(requests.items()):
@@ -193,8 +191,7 @@ def run(
             stderr=proc.stderr,
         )
     finally:
-        if own_tmp:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 //               subdirectory is loaded, as TF Serving's default version policy serves it.
 // --warmup      replays MODEL/assets.extra/tf_serving_warmup_requests as TF Serving does at
 //               load time: a TFRecord of PredictionLog, every record run, the first failure fatal.
-// --warmup_file replays FILE instead (repeatable; each file is replayed and reported alone).
+// --warmup_file replays FILE as well (repeatable; each file is replayed and reported alone).
 // REQUEST       a file holding a serialized tensorflow.serving.PredictRequest (what a gRPC client
 //               sends); the PredictResponse is written to REQUEST.response.
 //
