@@ -32,6 +32,11 @@ quickstart: install
 test: install
 	$(PY) -m pytest -q
 
+# The export through TensorFlow's C++ loader (serving/cc/; part of `make test` as well).
+.PHONY: serving-cc-check
+serving-cc-check: install
+	$(PY) -m pytest -q tests/test_serving_cc.py
+
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
