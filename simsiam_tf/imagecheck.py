@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from simsiam_tf import quiet
 from simsiam_tf.errors import ConfigError
 
 _SHOWN = 10  # file names listed in the log or the error
@@ -36,14 +37,20 @@ def undecodable(paths: list, progress: bool = True) -> list:
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()  # a file whose decode fails yields nothing
-    bar = keras.utils.Progbar(len(paths), unit_name="file") if progress else None
+    bar = None
+    if progress:
+        bar = keras.utils.Progbar(len(paths), unit_name="file", verbose=quiet.progress_verbosity())
     good = np.zeros(len(paths), bool)
-    for n, (i, _) in enumerate(ds.batch(256).as_numpy_iterator()):
-        good[i] = True
-        if bar is not None:
-            bar.update(min(len(paths), (n + 1) * 256))
+    done = 0
+    # libjpeg prints a line per broken file; the caller names the broken files instead.
+    with quiet.native_stderr_filtered(quiet.LIBJPEG_NOISE):
+        for i, _ in ds.batch(256).as_numpy_iterator():
+            good[i] = True
+            done += len(i)
+            if bar is not None and done < len(paths):
+                bar.update(done)
     if bar is not None:
-        bar.update(len(paths), finalize=True)
+        bar.update(len(paths), finalize=True)  # once: broken files never arrive
     return [int(i) for i in np.flatnonzero(~good)]
 
 

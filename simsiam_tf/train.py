@@ -35,6 +35,7 @@ from simsiam_tf import (
     imagecheck,
     model,
     optim,
+    quiet,
 )
 from simsiam_tf import config as config_lib
 from simsiam_tf.errors import ConfigError
@@ -358,8 +359,8 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
             cbs.insert(1, callbacks.KnnMonitor(evaluator, config.eval.knn_every_epochs, epochs))
         cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tb"), update_freq="epoch"))
         verbose = config.train.verbose
-        if verbose == 1 and not sys.stdout.isatty():
-            verbose = 2  # a log file (nohup, SLURM, CI) gets one line per epoch, not redraws
+        if verbose == 1:
+            verbose = quiet.progress_verbosity()  # redirected: one line per epoch
         fit_kwargs = dict(callbacks=cbs, verbose=verbose, shuffle=False)
         if initial_batch:
             # Finish the interrupted epoch first: a fit over just its remaining batches.

@@ -25,54 +25,14 @@ import logging as py_logging
 import os
 import re
 import sys
-import tempfile
 from typing import Callable, Iterable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # C++ INFO off; warnings and errors stay
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-# Lines the native libraries print at load time, before TF_CPP_MIN_LOG_LEVEL applies.
-_STARTUP_NOISE = re.compile(
-    r"All log messages before absl::InitializeLog\(\) is called"
-    r"|oneDNN custom operations are on"
-    r"|cpu_feature_guard\.cc"
-    r"|This TensorFlow binary is optimized to use available CPU instructions"
-    r"|^To enable the following instructions: .*rebuild TensorFlow"
-    r"|Unable to register cu(DNN|FFT|BLAS) factory"
-    r"|computation_placer\.cc.*already registered"
-)
+from simsiam_tf.quiet import STARTUP_NOISE, native_stderr_filtered  # noqa: E402 (no TF import)
 
-
-class native_stderr_filtered:
-    """Runs a block with file descriptor 2 captured; replays the lines `noise` does not match.
-
-    Native code writes to the descriptor directly, so Python's sys.stderr cannot catch it.
-    """
-
-    def __init__(self, noise: re.Pattern = _STARTUP_NOISE):
-        self.noise = noise
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        self._capture = tempfile.TemporaryFile(mode="w+b")
-        os.dup2(self._capture.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc):
-        sys.stderr.flush()
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._capture.seek(0)
-        for line in self._capture.read().decode("utf-8", "replace").splitlines(True):
-            if not self.noise.search(line):
-                sys.stderr.write(line)
-        self._capture.close()
-        sys.stderr.flush()
-        return False
-
-
-with native_stderr_filtered():
+with native_stderr_filtered(STARTUP_NOISE):
     import tensorflow as tf  # noqa: E402
 
 from absl import app, flags  # noqa: E402
