@@ -27,6 +27,8 @@ from absl import app, flags, logging
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cli  # noqa: E402,F401  (before TensorFlow: a quiet start-up)
+
 from simsiam_tf import callbacks, plots  # noqa: E402
 
 ARMS = {

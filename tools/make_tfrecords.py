@@ -11,11 +11,14 @@ follow the class names of the train split, so every split numbers classes alike.
 
 import os
 
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
 import keras
 import numpy as np
 from absl import app, flags, logging
 
 from simsiam_tf import data, tfrecords
+from simsiam_tf.quiet import progress_verbosity
 
 SPLITS = ("train", "val", "validation", "test")
 _FOLDER = flags.DEFINE_string("folder", None, "Image folder (ImageNet layout).")
@@ -53,7 +56,7 @@ def main(argv):
             labels = np.asarray([classes.index(names[i]) for i in labels], np.int64)
         shards = int(overrides.get(split, max(1, round(len(paths) / _PER_SHARD.value))))
         logging.info("%s: %d images -> %d shards", split, len(paths), shards)
-        bar = keras.utils.Progbar(len(paths), unit_name="image")
+        bar = keras.utils.Progbar(len(paths), unit_name="image", verbose=progress_verbosity())
         entries[split] = tfrecords.write_split(
             paths, labels, split_dirs[split], _OUTPUT.value, split, shards, _SEED.value, bar
         )
@@ -62,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

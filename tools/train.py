@@ -10,6 +10,7 @@ Raising --config.optim.epochs of a finished run trains it longer.
 """
 
 import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
 from absl import flags, logging
 from ml_collections import config_flags
 
