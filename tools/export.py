@@ -11,7 +11,9 @@ Signatures and their inputs and outputs: docs/SERVING.md.
 
 import sys
 
-from absl import app, flags, logging
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
+from absl import flags, logging
 
 from simsiam_tf import export
 
@@ -52,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
