@@ -5,7 +5,8 @@ decoded once, in parallel, by the very decoder the pipeline uses (grayscale, RGB
 and 16-bit images decode to RGB and are kept). Undecodable files are dropped with a count and
 their names in the log, or, with `strict`, stop the run before it starts. The verdict is cached
 in the run directory, keyed by the files' paths, sizes and modification times, so a resumed run
-does not decode everything again.
+does not decode everything again, and the evaluation tools, which check the very same splits
+(simsiam_tf/holdout.py), reuse the verdicts of training.
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ def undecodable(paths: list, progress: bool = True) -> list:
     ).ignore_errors()  # a file whose decode fails yields nothing
     bar = keras.utils.Progbar(len(paths), unit_name="file") if progress else None
     good = np.zeros(len(paths), bool)
-    for n, (i, _) in enumerate(ds.batch(256).as_numpy_iterator()):
+    done = 0
+    for i, _ in ds.batch(256).as_numpy_iterator():
         good[i] = True
-        if bar is not None:
-            bar.update(min(len(paths), (n + 1) * 256))
+        done += len(i)
+        if bar is not None and done < len(paths):
+            bar.update(done)
     if bar is not None:
-        bar.update(len(paths), finalize=True)
+        bar.update(len(paths), finalize=True)  # once: the broken files never reach the loop
     return [int(i) for i in np.flatnonzero(~good)]
 
 
@@ -63,8 +66,9 @@ def drop_undecodable(source, strict: bool = False, cache_dir: Optional[str] = No
     key = _fingerprint(source.files)
     cache = None
     if cache_dir:
-        name = hashlib.sha1(source.name.encode()).hexdigest()[:12]
-        cache = os.path.join(cache_dir, f"image_check-{name}.json")
+        # One cache file per set of files: training and the evaluation tools check the same
+        # splits and subsets, and find each other's verdicts.
+        cache = os.path.join(cache_dir, f"image_check-{key[:12]}.json")
     bad = None
     if cache and os.path.exists(cache):
         with open(cache) as f:

@@ -1,6 +1,7 @@
 """Evaluation: the kNN classifier, the stop-gradient switch, LARS, the linear probe, the tools."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simsiam_tf import data, knn, linear, model, optim
+from simsiam_tf import data, holdout, knn, linear, model, optim
 from tests.conftest import REPO
 from tests.helpers import TINY_TRAIN_FLAGS, tiny_config
 
@@ -140,9 +141,17 @@ def test_linear_probe_leaves_the_backbone_unchanged(augment):
     )
     assert result["backbone_unchanged"] is True
     assert linear.changed_weights(backbone, before) == []  # BN moving statistics included
-    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
-    assert result["top5"] == 1.0  # 3 classes: the top 5 always holds the answer
+    assert "top5" not in result  # 3 classes: the top 5 always holds the answer
     assert result["top1"] > 0.6  # the colour cue is easy
+
+
+def test_linear_probe_reports_top5_only_with_more_than_5_classes():
+    backbone = _tiny_backbone()
+    proto = linear.get_protocol("cifar", epochs=2, batch_size=16)
+    train, test = _tiny_source(48, 0, classes=3), _tiny_source(24, 1, classes=3)
+    train = dataclasses.replace(train, num_classes=6)  # 6 classes, 3 of them seen
+    result = linear.linear_eval(backbone, train, test, 12, proto, seed=0)
+    assert result["num_classes"] == 6 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
 
 
 def test_changed_weights_notices_a_moving_statistic():
@@ -185,7 +194,7 @@ def test_topk_accuracy():
 
 def test_holdout_split_is_per_class_and_disjoint():
     src = _tiny_source(50, 0)
-    train, test = linear.holdout_split(src, 0.2, seed=0)
+    train, test = holdout.holdout_split(src, 0.2, seed=0)
     assert train.num_examples + test.num_examples == 50
     assert set(np.unique(test.labels)) == set(np.unique(src.labels))
     both = np.concatenate([train.images, test.images]).reshape(50, -1)
