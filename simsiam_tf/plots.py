@@ -88,16 +88,7 @@ def curves_figure(
     measured = _series(rows, "knn_top1")[0]
     x, y = _knn_series(rows, random_init_knn)
     if measured:
-        ax.plot(x, y, "o-", ms=3, label="SimSiam")
-        for xi, yi in zip(x[-1:], y[-1:]):
-            ax.annotate(
-                f"{yi:.1f}%",
-                (xi, yi),
-                textcoords="offset points",
-                xytext=(0, 6),
-                ha="center",
-                fontsize=8,
-            )
+        ax.plot(x, y, "o-", ms=3, label=f"SimSiam (epoch {measured[-1]}: {y[-1]:.1f}%)")
     if random_init_knn is not None:
         ax.axhline(
             100 * random_init_knn,
@@ -107,7 +98,7 @@ def curves_figure(
             label=f"random init ({100 * random_init_knn:.1f}%)",
         )
     if measured or random_init_knn is not None:
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     if not measured:
         ax.text(
             0.5,
@@ -121,6 +112,7 @@ def curves_figure(
             color="dimgrey",
         )
         ax.set_xlim(0, max(last_epoch, 1))
+        ax.set_ylim(0, 100)
     kind = f"measured at epochs {_epoch_list(measured)}" if measured else "not measured"
     ax.set(title=f"kNN top-1 (%), {kind}", xlabel="epoch", ylabel="accuracy (%)")
 

@@ -74,7 +74,7 @@ def test_curves_read_well():
     np.testing.assert_allclose(x, [0, 2, 4, 6])
     np.testing.assert_allclose(y, [31.0, 32.0, 34.0, 36.0])  # %, from the random init at 0
     labels = [t.get_text() for t in knn_ax.get_legend().get_texts()]
-    assert labels == ["SimSiam", "random init (31.0%)"]
+    assert labels == ["SimSiam (epoch 6: 36.0%)", "random init (31.0%)"]
 
     no_knn = [{k: v for k, v in r.items() if k != "knn_top1"} for r in rows]
     fig = plots.curves_figure(no_knn, 64, 0.31, no_knn_note="kNN did not run: no test split")

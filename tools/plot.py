@@ -91,9 +91,14 @@ def draw_retrieval(workdir, out_path, spec, num_queries, k, max_bank):
         queries.labels[pick] if labelled else None,
         bank_y[nn] if labelled else None,
         names,
-        title=f"{run}, epoch {epoch}: nearest neighbours of {len(pick)} "
-        f"{'bank' if from_bank else 'held-out' if 'held-out' in queries.name else 'query'} "
-        f"images among {bank.num_examples} of {bank.name}",
+        title=f"{run}, epoch {epoch}: nearest neighbours of "
+        + (
+            f"{len(pick)} of its images (itself excluded) among the {bank.num_examples} of "
+            if from_bank
+            else f"{len(pick)} {'held-out' if 'held-out' in queries.name else 'test'} images "
+            f"among the {bank.num_examples} of "
+        )
+        + bank.name,
         similarities=sim,
     )
 
