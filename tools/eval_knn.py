@@ -111,7 +111,9 @@ def main(argv):
     out = _OUTPUT.value or os.path.join(workdir, "knn_eval.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    line = f"epoch {weights['epoch']}: knn_top1={result['knn_top1']:.4f}"
+    line = f"knn_top1={result['knn_top1']:.4f}"
+    if weights["epoch"] is not None:
+        line = f"epoch {weights['epoch']}: {line}"
     if "random_init_knn_top1" in result:
         line += f" random_init_knn_top1={result['random_init_knn_top1']:.4f}"
     print(f"{line} -> {out}")

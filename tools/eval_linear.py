@@ -94,7 +94,9 @@ def main(argv):
     out = _OUTPUT.value or os.path.join(_WORKDIR.value, f"linear_{proto.name}{suffix}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    line = f"epoch {weights['epoch']}: top1={result['top1']:.4f}"
+    line = f"top1={result['top1']:.4f}"
+    if weights["epoch"] is not None:
+        line = f"epoch {weights['epoch']}: {line}"
     if "top5" in result:
         line += f" top5={result['top5']:.4f}"
     print(f"{line} backbone_unchanged=True -> {out}")
