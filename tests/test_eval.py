@@ -439,3 +439,27 @@ def test_holdout_and_logging_keys_are_validated(key, value, match):
     c[section][name] = value
     with pytest.raises(ConfigError, match=f"config.{key}={value}.*{match}"):
         config_lib.validate(c)
+
+
+def test_weights_info_names_the_epoch_of_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
+    manager = tf.train.CheckpointManager(ckpt, str(run / "checkpoints"), 3)
+    manager.save(checkpoint_number=8)
+    (run / "checkpoints" / "steps_per_epoch.json").write_text(json.dumps({"steps_per_epoch": 4}))
+    info = linear.weights_info(str(run))
+    assert (info["kind"], info["epoch"], info["step"]) == ("checkpoint", 2, 8)
+    assert linear.describe(info).endswith("ckpt-8 (epoch 2, step 8)")
+    manager.save(checkpoint_number=10)  # a mid-epoch backup
+    assert linear.weights_info(str(run))["epoch"] == 2.5
+    assert linear.weights_info(str(run), random_init=True)["epoch"] == 0
+    assert linear.weights_info(str(run), weights="x.weights.h5")["epoch"] is None
+    # No checkpoints, only the final weights: the last epoch of history.jsonl.
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "backbone.weights.h5").write_bytes(b"")
+    rows = [{"epoch": e, "step": 5 * e, "loss": 0.0} for e in (1, 2, 3)]
+    (final / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert linear.weights_info(str(final))["epoch"] == 3
+    with pytest.raises(FileNotFoundError, match="neither checkpoints"):
+        linear.weights_info(str(tmp_path / "empty"))
