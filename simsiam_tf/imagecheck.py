@@ -11,10 +11,12 @@ does not decode everything again, and the evaluation tools, which check the very
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 from typing import Optional
 
 import keras
@@ -28,7 +30,8 @@ _SHOWN = 10  # file names listed in the log or the error
 
 
 def undecodable(paths: list, progress: bool = True) -> list:
-    """Indices of the files in `paths` that cannot be read or decoded as an image."""
+    """Indices of the files in `paths` that cannot be read or decoded as an image. The progress
+    bar is drawn on a terminal only (a log file gets the count and names from the caller)."""
     from simsiam_tf.data import decode_rgb
 
     ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
@@ -37,17 +40,36 @@ def undecodable(paths: list, progress: bool = True) -> list:
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()  # a file whose decode fails yields nothing
-    bar = keras.utils.Progbar(len(paths), unit_name="file") if progress else None
+    bar = None
+    if progress and sys.stdout.isatty():
+        bar = keras.utils.Progbar(len(paths), unit_name="file")
     good = np.zeros(len(paths), bool)
     done = 0
-    for i, _ in ds.batch(256).as_numpy_iterator():
-        good[i] = True
-        done += len(i)
-        if bar is not None and done < len(paths):
-            bar.update(done)
+    with _native_stderr_silenced():
+        for i, _ in ds.batch(256).as_numpy_iterator():
+            good[i] = True
+            done += len(i)
+            if bar is not None and done < len(paths):
+                bar.update(done)
     if bar is not None:
         bar.update(len(paths), finalize=True)  # once: the broken files never reach the loop
     return [int(i) for i in np.flatnonzero(~good)]
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Native stderr (file descriptor 2) to /dev/null: libjpeg prints a raw line such as
+    "Improper call to JPEG library in state 201" for each broken file, which the check then
+    names itself."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _fingerprint(paths: list) -> str:
