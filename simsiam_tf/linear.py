@@ -288,9 +288,9 @@ def linear_eval(
 
 
 def weights_info(workdir: str, random_init: bool = False, weights: str = "") -> dict:
-    """Which weights `load_run_backbone` loads: {"backbone": a description, "kind", "path",
-    "epoch", "step"}. The epoch is that of the checkpoint (checkpoints are numbered by step;
-    fractional for a mid-epoch backup), None when unknown (a --weights file)."""
+    """Which weights `load_run_backbone` loads: {"kind": random_init, file, checkpoint or final,
+    "path", "epoch", "step"}. The epoch is that of the checkpoint (checkpoints are numbered by
+    step; fractional for a mid-epoch backup), None when unknown (a --weights file)."""
     if random_init:
         return dict(kind="random_init", path=None, epoch=0, step=0)
     if weights:
