@@ -1,4 +1,5 @@
-"""Keras callbacks of a pretraining run: checkpoints, the kNN monitor, the epoch history."""
+"""Keras callbacks of a pretraining run: checkpoints, the kNN monitor, the epoch history,
+TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simsiam_tf import data, knn
+from simsiam_tf import data, holdout, knn
+
+STEPS_PER_EPOCH_FILE = "steps_per_epoch.json"
 
 # Ctrl-C and a preemption notice both end a run cleanly: a checkpoint after the current step.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -88,6 +91,10 @@ class Checkpointer(keras.callbacks.Callback):
         return self._stop_signal
 
     def on_train_begin(self, logs=None):
+        # Checkpoints are numbered by step; this tells the evaluation tools which epoch it is.
+        os.makedirs(self.manager.directory, exist_ok=True)
+        with open(os.path.join(self.manager.directory, STEPS_PER_EPOCH_FILE), "w") as f:
+            json.dump({"steps_per_epoch": self.steps_per_epoch}, f)
         if threading.current_thread() is threading.main_thread():
             for signum in _STOP_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_stop_signal)
@@ -166,6 +173,33 @@ class KnnMonitor(keras.callbacks.Callback):
             logs["knn_top1"] = self.evaluator(self.model.backbone)
 
 
+def make_knn_evaluator(config, workdir=None, train_source=None) -> Optional["KnnEvaluator"]:
+    """A kNN evaluator of the configured source, or None when it has no labelled splits to
+    score. Bank and queries are read by `holdout.load_split`, as tools/eval_knn.py reads them,
+    so the monitor's numbers and the tool's agree.
+
+    `train_source`, the already loaded (and checked) training split, is reused as the bank when
+    the bank is that very split and subset, so it is not read and decoded a second time.
+    """
+    d, e = config.data, config.eval
+    if train_source is not None and e.bank_split == "train" and e.max_bank == d.max_examples:
+        bank = train_source
+    else:
+        bank, _ = holdout.load_split(config, e.bank_split, workdir, max_examples=e.max_bank)
+    queries, _ = holdout.load_split(config, e.query_split, workdir, max_examples=e.max_queries)
+    why = None
+    if bank is None or bank.num_classes < 2:
+        why = f"its {e.bank_split!r} split is unlabelled (kNN needs class subfolders)"
+    elif queries is None:
+        why = f"it has no {e.query_split!r} split" + (
+            " and eval.holdout_fraction=0 holds none out" if e.holdout_fraction == 0 else ""
+        )
+    if why:
+        logging.warning("No kNN evaluation of %s: %s", d.source, why)
+        return None
+    return KnnEvaluator(bank, queries, d.image_size, e, d.eval_crop_fraction)
+
+
 class KnnEvaluator:
     """Scores a backbone by weighted kNN: bank = one split, queries = another."""
 
@@ -205,7 +239,8 @@ class KnnEvaluator:
 
 
 class HistoryWriter(keras.callbacks.Callback):
-    """Appends each epoch's logs to WORKDIR/history.jsonl, which survives restarts."""
+    """Appends each epoch's logs to WORKDIR/history.jsonl, which survives restarts: `epoch`
+    (1, 2, ...), `step` (optimizer steps done, over all epochs), `time` and every metric."""
 
     def __init__(self, path: str, start_time: Optional[float] = None):
         super().__init__()
@@ -222,10 +257,100 @@ class HistoryWriter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self._batches < ((self.params or {}).get("steps") or 0):
             return  # cut short (Ctrl-C, SIGTERM): the resumed run writes the whole epoch
-        row = {"epoch": epoch + 1, "time": time.time() - self.start}
+        row = {
+            "epoch": epoch + 1,
+            "step": _global_step(self.model),
+            "time": time.time() - self.start,
+        }
         row.update({k: float(np.asarray(v)) for k, v in (logs or {}).items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _global_step(model) -> int:
+    return int(np.asarray(model.optimizer.iterations))
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """Scalars for TensorBoard, counted as history.jsonl counts them.
+
+    LOGDIR/train:
+      epoch/<metric>  every epoch's logs at step = the epoch number (history.jsonl's `epoch`:
+                      1, 2, ...); epoch/knn_top1 also at 0, the network at initialisation, as
+                      curves.png draws it.
+      step/<metric>   every `every_steps` optimizer steps, at step = the optimizer step
+                      (history.jsonl's `step`, counted over resumes): loss, z_std and p_std
+                      averaged over the steps since the previous point of the same epoch, and
+                      lr at that step. A long epoch is then not blank.
+    LOGDIR/random_init:
+      epoch/knn_top1  kNN top-1 of the network at initialisation, at every epoch kNN ran: a flat
+                      reference line on the kNN chart.
+    The learning rate is logged once per point, as `lr`.
+    """
+
+    def __init__(self, logdir: str, every_steps: int = 0, random_init_path: str = ""):
+        super().__init__()
+        self.logdir = logdir
+        self.every_steps = every_steps
+        self.random_init_path = random_init_path
+        self._writers = None
+        self._random_init = None
+        self._since = (0, {})  # (batches, sums) of this epoch at the previous step point
+
+    def _writer(self, name):
+        if self._writers is None:
+            self._writers = {
+                n: tf.summary.create_file_writer(os.path.join(self.logdir, n))
+                for n in ("train", "random_init")
+            }
+        return self._writers[name]
+
+    def _write(self, name, scalars, step):
+        with self._writer(name).as_default():
+            for key, value in scalars.items():
+                tf.summary.scalar(key, value, step=step)
+
+    def on_train_begin(self, logs=None):
+        if self.random_init_path and os.path.exists(self.random_init_path):
+            with open(self.random_init_path) as f:
+                self._random_init = json.load(f)["knn_top1"]
+            if _global_step(self.model) == 0:
+                self._write("train", {"epoch/knn_top1": self._random_init}, 0)
+                self._write("random_init", {"epoch/knn_top1": self._random_init}, 0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._since = (0, {})
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.every_steps or not logs:
+            return
+        step = _global_step(self.model)
+        if step % self.every_steps:
+            return
+        # The logs hold means since the epoch began (over batch + 1 batches): the mean over the
+        # batches since the previous point is the difference of the sums.
+        count = batch + 1
+        before, sums_before = self._since
+        sums = {k: float(np.asarray(v)) * count for k, v in logs.items() if k != "lr"}
+        scalars = {
+            f"step/{k}": (v - sums_before.get(k, 0.0)) / (count - before) for k, v in sums.items()
+        }
+        if "lr" in logs:
+            scalars["step/lr"] = float(np.asarray(logs["lr"]))
+        self._write("train", scalars, step)
+        self._since = (count, sums)
+
+    def on_epoch_end(self, epoch, logs=None):
+        scalars = {f"epoch/{k}": float(np.asarray(v)) for k, v in (logs or {}).items()}
+        self._write("train", scalars, epoch + 1)
+        if "epoch/knn_top1" in scalars and self._random_init is not None:
+            self._write("random_init", {"epoch/knn_top1": self._random_init}, epoch + 1)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in (self._writers or {}).values():
+            writer.flush()
 
 
 def read_history(path: str) -> list:

@@ -88,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
         backup_every_steps=500,  # also checkpoint every N steps (0: only after each epoch)
         deterministic=False,  # op determinism: bit-identical reruns and resumes, slower
         verbose=1,  # Keras progress bar: 1 bar, 2 one line per epoch, 0 silent
+        log_every_steps=100,  # TensorBoard step/* scalars every N steps (0: per epoch only)
     )
 
     c.eval = dict(
@@ -100,6 +101,11 @@ def default_config() -> ml_collections.ConfigDict:
         max_bank=0,  # 0: the whole bank split
         max_queries=0,
         random_init_knn=True,  # also score the network at initialisation, for comparison
+        # A labelled source without a test split (a folder of class subfolders, no test/):
+        # this seeded fraction of every class is held out of pretraining and scored by kNN
+        # and the linear probe (simsiam_tf/holdout.py); 0: pretrain on all, no evaluation.
+        holdout_fraction=0.2,
+        holdout_seed=0,
         # Collapse monitor (simsiam_tf/collapse.py): std x sqrt(d) of z and p below the
         # threshold (healthy: about 1) for `patience` epochs in a row warns, or stops the run.
         collapse_threshold=0.5,
@@ -191,6 +197,12 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail("train.backup_every_steps", t.backup_every_steps, "must be >= 0 (0: epochs only)")
     if t.precision not in PRECISIONS:
         _fail("train.precision", t.precision, f"choose one of {PRECISIONS}")
+    if t.log_every_steps < 0:
+        _fail("train.log_every_steps", t.log_every_steps, "must be >= 0 (0: per epoch only)")
+    if not 0 <= e.holdout_fraction < 1:
+        _fail("eval.holdout_fraction", e.holdout_fraction, "must be in [0, 1) (0: hold none out)")
+    if e.holdout_seed < 0:
+        _fail("eval.holdout_seed", e.holdout_seed, "must be a non-negative integer")
     if e.knn_k < 1:
         _fail("eval.knn_k", e.knn_k, "must be a positive integer")
     if e.knn_t <= 0:

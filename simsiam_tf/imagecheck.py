@@ -5,7 +5,8 @@ decoded once, in parallel, by the very decoder the pipeline uses (grayscale, RGB
 and 16-bit images decode to RGB and are kept). Undecodable files are dropped with a count and
 their names in the log, or, with `strict`, stop the run before it starts. The verdict is cached
 in the run directory, keyed by the files' paths, sizes and modification times, so a resumed run
-does not decode everything again.
+does not decode everything again, and the evaluation tools, which check the very same splits
+(simsiam_tf/holdout.py), reuse the verdicts of training.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ _SHOWN = 10  # file names listed in the log or the error
 
 
 def undecodable(paths: list, progress: bool = True) -> list:
-    """Indices of the files in `paths` that cannot be read or decoded as an image."""
+    """Indices of the files in `paths` that cannot be read or decoded as an image. The progress
+    bar is drawn on a terminal only (a log file gets the count and names from the caller)."""
     from simsiam_tf.data import decode_rgb
 
     ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
@@ -70,8 +72,9 @@ def drop_undecodable(source, strict: bool = False, cache_dir: Optional[str] = No
     key = _fingerprint(source.files)
     cache = None
     if cache_dir:
-        name = hashlib.sha1(source.name.encode()).hexdigest()[:12]
-        cache = os.path.join(cache_dir, f"image_check-{name}.json")
+        # One cache file per set of files: training and the evaluation tools check the same
+        # splits and subsets, and find each other's verdicts.
+        cache = os.path.join(cache_dir, f"image_check-{key[:12]}.json")
     bad = None
     if cache and os.path.exists(cache):
         with open(cache) as f:

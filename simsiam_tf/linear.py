@@ -20,6 +20,8 @@ Protocols (`PROTOCOLS`; every field can be overridden):
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from typing import Optional
 
@@ -28,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simsiam_tf import augment, data, optim
+from simsiam_tf import augment, data, holdout, optim
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -142,32 +144,6 @@ def features(backbone: keras.Model, dataset) -> tuple:
 # Data.
 
 
-def holdout_split(source: data.Source, fraction: float = 0.2, seed: int = 0) -> tuple:
-    """(train, test) Sources cut from one labelled split: a seeded `fraction` of each class is
-    held out. For image folders that have no test/ subfolder."""
-    if source.files is None and source.images is None:
-        raise ValueError(f"{source.name}: only in-memory or file sources can be split")
-    rng = np.random.default_rng(seed)
-    test = np.zeros(source.num_examples, bool)
-    for cls in np.unique(source.labels):
-        idx = np.flatnonzero(source.labels == cls)
-        n = max(1, int(round(fraction * len(idx)))) if len(idx) > 1 else 0
-        test[rng.permutation(idx)[:n]] = True
-
-    def take(mask, suffix):
-        keep = np.flatnonzero(mask)
-        return dataclasses.replace(
-            source,
-            name=f"{source.name}[{suffix}]",
-            num_examples=len(keep),
-            labels=source.labels[keep],
-            images=None if source.images is None else source.images[keep],
-            files=None if source.files is None else [source.files[i] for i in keep],
-        )
-
-    return take(~test, "train"), take(test, "held-out")
-
-
 def augmented_dataset(
     source: data.Source, size: int, batch: int, scale: tuple, seed: int
 ) -> tf.data.Dataset:
@@ -237,7 +213,8 @@ def linear_eval(
     eval_batch: int = 256,
     verbose: int = 0,
 ) -> dict:
-    """Trains a linear head on the frozen backbone; returns top-1/top-5 on `test_source`.
+    """Trains a linear head on the frozen backbone; returns top-1 (and top-5, with more than 5
+    classes) on `test_source`. `verbose`: Keras verbosity while the head trains (0: quiet).
 
     Raises RuntimeError if any backbone weight changed while the head trained.
     """
@@ -277,7 +254,7 @@ def linear_eval(
         proto.lr,
     )
     history = trainee.fit(
-        train_ds, epochs=proto.epochs, steps_per_epoch=steps, verbose=verbose
+        train_ds, epochs=proto.epochs, steps_per_epoch=steps, verbose=verbose, shuffle=False
     ).history
 
     test_feats, test_labels = features(
@@ -290,9 +267,10 @@ def linear_eval(
             f"the backbone changed while the linear head trained ({len(changed)} weights, "
             f"e.g. {changed[:3]}): the evaluation is void"
         )
-    return {
-        "top1": topk_accuracy(logits, test_labels, 1),
-        "top5": topk_accuracy(logits, test_labels, 5),
+    result = {"top1": topk_accuracy(logits, test_labels, 1)}
+    if num_classes > 5:  # with 5 classes or fewer the top 5 always holds the answer
+        result["top5"] = topk_accuracy(logits, test_labels, 5)
+    return result | {
         "train_loss_last": float(history["loss"][-1]),
         "backbone_unchanged": True,
         "protocol": dataclasses.asdict(proto) | {"lr": proto.lr},
@@ -309,6 +287,44 @@ def linear_eval(
 # Run directories.
 
 
+def weights_info(workdir: str, random_init: bool = False, weights: str = "") -> dict:
+    """Which weights `load_run_backbone` loads: {"kind": random_init, file, checkpoint or final,
+    "path", "epoch", "step"}. The epoch is that of the checkpoint (checkpoints are numbered by
+    step; fractional for a mid-epoch backup), None when unknown (a --weights file)."""
+    if random_init:
+        return dict(kind="random_init", path=None, epoch=0, step=0)
+    if weights:
+        return dict(kind="file", path=weights, epoch=None, step=None)
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    if latest:
+        step = int(latest.rsplit("-", 1)[1])
+        epoch = None
+        spe_path = os.path.join(workdir, "checkpoints", "steps_per_epoch.json")
+        if os.path.exists(spe_path):
+            with open(spe_path) as f:
+                steps_per_epoch = json.load(f)["steps_per_epoch"]
+            whole, part = divmod(step, steps_per_epoch)
+            epoch = whole if part == 0 else round(step / steps_per_epoch, 3)
+        return dict(kind="checkpoint", path=latest, epoch=epoch, step=step)
+    path = os.path.join(workdir, "backbone.weights.h5")
+    if os.path.exists(path):
+        from simsiam_tf import callbacks
+
+        rows = callbacks.read_history(os.path.join(workdir, "history.jsonl"))
+        last = rows[-1] if rows else {}
+        return dict(kind="final", path=path, epoch=last.get("epoch"), step=last.get("step"))
+    raise FileNotFoundError(f"{workdir} has neither checkpoints/ nor backbone.weights.h5")
+
+
+def describe(info: dict, seed: int = 0) -> str:
+    """`weights_info` in words: where the weights come from and their epoch."""
+    if info["kind"] == "random_init":
+        return f"random initialisation (seed {seed}, epoch 0)"
+    if info["epoch"] is None:
+        return info["path"]
+    return f"{info['path']} (epoch {info['epoch']}, step {info['step']})"
+
+
 def load_run_backbone(workdir: str, random_init: bool = False, weights: str = "") -> tuple:
     """(backbone, config, where the weights came from) of a pretraining run directory.
 
@@ -316,55 +332,47 @@ def load_run_backbone(workdir: str, random_init: bool = False, weights: str = ""
     `.weights.h5` file) when given, else the latest checkpoint (the run may still be going),
     else WORKDIR/backbone.weights.h5. `random_init=True` returns the same network at the
     initialisation the run started from (same seed), the baseline every number is compared to.
+    `weights_info` tells the epoch.
     """
-    import os
-
     from simsiam_tf import model, train  # train imports this module's siblings only
 
     config = train.load_config(workdir)
+    info = weights_info(workdir, random_init, weights)
     keras.utils.set_random_seed(config.seed)
     net = model.build_simsiam(config.model)
-    if random_init:
-        return net.backbone, config, f"random initialisation (seed {config.seed})"
-    if weights:
-        net.backbone.load_weights(weights)
-        return net.backbone, config, weights
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-    if latest:
-        epoch = tf.Variable(0, dtype=tf.int64)
-        tf.train.Checkpoint(model=net, epoch=epoch).restore(latest).expect_partial()
-        return net.backbone, config, f"{latest} (epoch {int(epoch.numpy())})"
-    path = os.path.join(workdir, "backbone.weights.h5")
-    if os.path.exists(path):
-        net.backbone.load_weights(path)
-        return net.backbone, config, path
-    raise FileNotFoundError(f"{workdir} has neither checkpoints/ nor backbone.weights.h5")
+    if info["kind"] == "checkpoint":
+        tf.train.Checkpoint(model=net).restore(info["path"]).expect_partial()
+    elif info["kind"] in ("file", "final"):
+        net.backbone.load_weights(info["path"])
+    return net.backbone, config, describe(info, config.seed)
 
 
 def eval_sources(
-    spec: str,
-    train_split: str,
-    test_split: str,
+    config,
+    workdir: Optional[str],
+    spec: str = "",
+    train_split: str = "train",
+    test_split: str = "test",
     max_train: int = 0,
     max_test: int = 0,
-    seed: int = 0,
-    tfds_data_dir: Optional[str] = None,
-    tfds_download: bool = True,
 ) -> tuple:
-    """(train, test) labelled Sources of a data spec; a source without `test_split` (an image
-    folder with no test/ subfolder) gives a seeded, per-class 80/20 split of its train split."""
-    kw = dict(seed=seed, tfds_data_dir=tfds_data_dir, tfds_download=tfds_download)
-    train_src = data.load_source(spec, train_split, **kw)
+    """(train, test, held-out record or None): labelled Sources read as training reads them
+    (`holdout.load_split`): the run's recorded held-out split of a source without a test split,
+    its image check (broken files skipped and named, or refused under data.strict)."""
+    spec = spec or config.data.source
+    train_src, _ = holdout.load_split(config, train_split, workdir, spec, max_train)
     if train_src is None:
         raise ValueError(f"{spec} has no {train_split!r} split")
-    test_src = data.load_source(spec, test_split, **kw)
-    if test_src is None:
-        logging.info("%s has no %r split: holding out 20%% of %r", spec, test_split, train_split)
-        train_src, test_src = holdout_split(train_src, 0.2, seed)
     if train_src.num_classes < 2:
         raise ValueError(f"{train_src.name} is unlabelled: evaluation needs class subfolders")
-    if 0 < max_train < train_src.num_examples:
-        train_src = data._subset(train_src, max_train, seed)
-    if 0 < max_test < test_src.num_examples:
-        test_src = data._subset(test_src, max_test, seed)
-    return train_src, test_src
+    test_src, info = holdout.load_split(config, test_split, workdir, spec, max_test)
+    if test_src is None:
+        raise ValueError(
+            f"{spec} has no {test_split!r} split"
+            + (
+                ""
+                if config.eval.holdout_fraction
+                else " and eval.holdout_fraction=0 holds none out"
+            )
+        )
+    return train_src, test_src, info

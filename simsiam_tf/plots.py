@@ -13,6 +13,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -40,13 +42,28 @@ def plot_curves(
     proj_dim: int,
     random_init_knn: Optional[float] = None,
     title: str = "",
+    no_knn_note: str = "",
 ) -> str:
-    """A 2x2 PNG of one run's history.jsonl rows: loss, output std x sqrt(d), kNN top-1, lr."""
+    """A 2x2 PNG of one run's history.jsonl rows (`curves_figure`)."""
+    curves_figure(rows, proj_dim, random_init_knn, title, no_knn_note).savefig(path, format="png")
+    return path
+
+
+def curves_figure(
+    rows: Sequence[Mapping],
+    proj_dim: int,
+    random_init_knn: Optional[float] = None,
+    title: str = "",
+    no_knn_note: str = "",
+) -> Figure:
+    """Loss, output std x sqrt(d), kNN top-1 (%), lr of history.jsonl rows, against whole
+    epochs. `no_knn_note` is written in the kNN panel when no row has kNN."""
     if not rows:
         raise ValueError("no history rows to plot (history.jsonl is empty)")
     fig = _figure(10, 7)
     axes = fig.subplots(2, 2)
     scale = math.sqrt(proj_dim)
+    last_epoch = max(r["epoch"] for r in rows)
 
     ax = axes[0, 0]
     ax.plot(*_series(rows, "loss"), "o-", ms=3)
@@ -58,32 +75,64 @@ def plot_curves(
         x, y = _series(rows, key, scale)
         if x:
             ax.plot(x, y, "o-", ms=3, label=label)
-    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.axhline(1.0, color="grey", ls=":", lw=1, label="healthy (1)")
     ax.set_ylim(bottom=0)
     ax.set(
-        title="std of l2-normalised output x sqrt(d)",
+        title="std of l2-normalised output x sqrt(d) (0: collapse)",
         xlabel="epoch",
         ylabel=f"std x sqrt({proj_dim})",
     )
     ax.legend(loc="lower left", fontsize=8)
 
     ax = axes[1, 0]
+    measured = _series(rows, "knn_top1")[0]
     x, y = _knn_series(rows, random_init_knn)
-    if x:
-        ax.plot(x, y, "o-", ms=3, label="SimSiam")
+    if measured:
+        ax.plot(x, y, "o-", ms=3, label=f"SimSiam (epoch {measured[-1]}: {y[-1]:.1f}%)")
     if random_init_knn is not None:
-        ax.axhline(100 * random_init_knn, color="grey", ls="--", lw=1, label="random init")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set(title="kNN top-1 (%)", xlabel="epoch", ylabel="accuracy (%)")
+        ax.axhline(
+            100 * random_init_knn,
+            color="grey",
+            ls="--",
+            lw=1,
+            label=f"random init ({100 * random_init_knn:.1f}%)",
+        )
+    if measured or random_init_knn is not None:
+        ax.legend(loc="best", fontsize=8)
+    if not measured:
+        ax.text(
+            0.5,
+            0.5,
+            no_knn_note or "kNN did not run in this run",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            wrap=True,
+            fontsize=9,
+            color="dimgrey",
+        )
+        ax.set_xlim(0, max(last_epoch, 1))
+        ax.set_ylim(0, 100)
+    kind = f"measured at epochs {_epoch_list(measured)}" if measured else "not measured"
+    ax.set(title=f"kNN top-1 (%), {kind}", xlabel="epoch", ylabel="accuracy (%)")
 
     ax = axes[1, 1]
     ax.plot(*_series(rows, "lr"), "o-", ms=3)
     ax.set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
     ax.set_ylim(bottom=0)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
-    fig.savefig(path, format="png")
-    return path
+    return fig
+
+
+def _epoch_list(epochs: Sequence[int]) -> str:
+    """ "1, 2, 3" for a few epochs; "10, 20, ..., 100" for many."""
+    epochs = [int(e) for e in epochs]
+    if len(epochs) <= 4:
+        return ", ".join(map(str, epochs))
+    return f"{epochs[0]}, {epochs[1]}, ..., {epochs[-1]}"
 
 
 def plot_ablation(
@@ -131,20 +180,31 @@ def plot_ablation(
     axes[2].set(title="kNN top-1 (%)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in axes:
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.savefig(path, format="png")
     return path
 
 
-def nearest_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Indices (Q x k) of each query's k nearest bank rows by cosine similarity, nearest first."""
+def nearest_neighbours(
+    bank: np.ndarray, queries: np.ndarray, k: int, exclude: Optional[Sequence[int]] = None
+) -> tuple:
+    """(indices, similarities), Q x k each: every query's k nearest bank rows by cosine
+    similarity, nearest first. exclude[i]: a bank row query i may not return (the query itself
+    when the queries come from the bank)."""
     unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     sim = unit(np.asarray(queries, np.float32)) @ unit(np.asarray(bank, np.float32)).T
-    k = min(k, sim.shape[1])
+    if exclude is not None:
+        sim[np.arange(len(sim)), np.asarray(exclude)] = -np.inf
+    k = min(k, sim.shape[1] - (exclude is not None))
     top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1)
-    return np.take_along_axis(top, order, axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    return top, np.take_along_axis(sim, top, axis=1)
+
+
+SAME, OTHER, QUERY = "limegreen", "red", "royalblue"
 
 
 def retrieval_grid(
@@ -155,11 +215,31 @@ def retrieval_grid(
     neighbour_labels: Optional[np.ndarray] = None,
     class_names: Sequence[str] = (),
     title: str = "",
+    similarities: Optional[np.ndarray] = None,
 ) -> str:
-    """A PNG grid: one row per query, the query image then its neighbours, nearest first.
+    """`retrieval_figure` as a PNG."""
+    fig = retrieval_figure(
+        queries, neighbours, query_labels, neighbour_labels, class_names, title, similarities
+    )
+    fig.savefig(path, format="png")
+    return path
 
-    queries: Q x H x W x 3 uint8; neighbours: Q x K x H x W x 3 uint8. With labels, each
-    neighbour is framed green when its class is the query's and red otherwise.
+
+def retrieval_figure(
+    queries: np.ndarray,
+    neighbours: np.ndarray,
+    query_labels: Optional[Sequence[int]] = None,
+    neighbour_labels: Optional[np.ndarray] = None,
+    class_names: Sequence[str] = (),
+    title: str = "",
+    similarities: Optional[np.ndarray] = None,
+) -> Figure:
+    """A grid: one row per query, the query image then its neighbours, nearest first.
+
+    queries: Q x H x W x 3 uint8; neighbours: Q x K x H x W x 3 uint8. With labels, the query
+    is framed blue and each neighbour green when its class is the query's, red otherwise (a
+    legend says so); without labels there are no frames. similarities (Q x K): the cosine
+    similarity written under each neighbour.
     """
     queries, neighbours = np.asarray(queries), np.asarray(neighbours)
     if queries.ndim != 4 or neighbours.ndim != 5 or len(queries) != len(neighbours):
@@ -168,8 +248,9 @@ def retrieval_grid(
             f"{queries.shape} and {neighbours.shape}"
         )
     q, k = neighbours.shape[:2]
+    labelled = query_labels is not None and neighbour_labels is not None
     cell = 1.1
-    fig = _figure(cell * (k + 1) + 0.4, cell * q + (0.5 if title else 0.2))
+    fig = _figure(cell * (k + 1) + 0.4, cell * q + (0.5 if title else 0.2) + 0.3)
     axes = np.asarray(fig.subplots(q, k + 1, squeeze=False))
     name = lambda c: class_names[c] if 0 <= c < len(class_names) else str(c)
     for i in range(q):
@@ -179,23 +260,45 @@ def retrieval_grid(
             ax.imshow(image, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            colour, width = "black", 0.5
+            colour, width = None, 0
             if j == 0:
-                colour, width = "royalblue", 3
+                if labelled:
+                    colour, width = QUERY, 3
                 if query_labels is not None:
                     ax.set_ylabel(name(int(query_labels[i])), fontsize=7)
-            elif query_labels is not None and neighbour_labels is not None:
-                same = int(neighbour_labels[i][j - 1]) == int(query_labels[i])
-                colour, width = ("limegreen" if same else "red"), 3
+            else:
+                if labelled:
+                    same = int(neighbour_labels[i][j - 1]) == int(query_labels[i])
+                    colour, width = (SAME if same else OTHER), 3
+                if similarities is not None:
+                    ax.set_xlabel(f"{similarities[i][j - 1]:.2f}", fontsize=7, labelpad=1)
             for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(width)
+                spine.set_visible(width > 0)
+                if width:
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(width)
             if i == 0:
                 ax.set_title("query" if j == 0 else f"#{j}", fontsize=8)
+    handles = []
+    if labelled:
+        handles = [
+            Patch(facecolor="none", edgecolor=QUERY, lw=2, label="query"),
+            Patch(facecolor="none", edgecolor=SAME, lw=2, label="same class as the query"),
+            Patch(facecolor="none", edgecolor=OTHER, lw=2, label="another class"),
+        ]
+    if similarities is not None:
+        handles.append(Patch(facecolor="none", edgecolor="none", label="number: cosine similarity"))
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncol=len(handles),
+            fontsize=7,
+            frameon=False,
+        )
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.savefig(path, format="png")
-    return path
+        fig.suptitle(title, fontsize=9, wrap=True)
+    return fig
 
 
 def read_png_size(path: str) -> tuple:

@@ -26,7 +26,8 @@ STARTUP_NOISE = re.compile(
 LIBJPEG_NOISE = re.compile(
     r"^(Input file read error|Premature end of JPEG file|Corrupt JPEG data|Not a JPEG file"
     r"|Invalid JPEG file structure|Unsupported marker type|Bogus marker length"
-    r"|Huffman table 0x[0-9a-f]+ was not defined|Warning: unknown JFIF revision)"
+    r"|Huffman table 0x[0-9a-f]+ was not defined|Warning: unknown JFIF revision"
+    r"|Improper call to JPEG library in state \d+)"
 )
 
 

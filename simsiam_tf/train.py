@@ -3,7 +3,8 @@
 WORKDIR/
   config.json          the resolved config
   checkpoints/         model + optimizer + epoch, after every epoch (resume point)
-  tb/                  TensorBoard logs (loss, z_std, p_std, lr, knn_top1)
+  tb/                  TensorBoard: per epoch and every train.log_every_steps steps
+  holdout.json         the held-out images of a labelled source without a test split
   history.jsonl        one line of metrics per epoch
   random_init.json     kNN top-1 of the network at initialisation
   backbone.weights.h5  the trained backbone
@@ -32,7 +33,7 @@ from simsiam_tf import (
     collapse,
     data,
     distribute,
-    imagecheck,
+    holdout,
     model,
     optim,
     quiet,
@@ -192,42 +193,6 @@ def build_model_and_optimizer(config, steps_per_epoch: int, strategy=None):
     return net, opt
 
 
-def make_knn_evaluator(config, workdir=None, train_source=None):
-    """A kNN evaluator for the configured source, or None when it has no labelled test split.
-
-    `train_source`, the already loaded (and checked) training split, is reused as the bank when
-    the bank is that very split and subset, so it is not read and decoded a second time.
-    """
-    d, e = config.data, config.eval
-    kwargs = dict(
-        max_examples=0,
-        seed=config.seed,
-        tfds_data_dir=d.tfds_data_dir or None,
-        tfds_download=d.tfds_download,
-    )
-
-    def load(split, max_examples):
-        source = data.load_source(d.source, split, **{**kwargs, "max_examples": max_examples})
-        if source is not None and d.check_images:
-            source = imagecheck.drop_undecodable(source, d.strict, workdir)
-        return source
-
-    if train_source is not None and e.bank_split == "train" and e.max_bank == d.max_examples:
-        bank = train_source
-    else:
-        bank = load(e.bank_split, e.max_bank)
-    queries = load(e.query_split, e.max_queries)
-    if bank is None or queries is None or bank.num_classes < 2:
-        logging.warning(
-            "No kNN evaluation: %s has no labelled %r and %r splits",
-            d.source,
-            e.bank_split,
-            e.query_split,
-        )
-        return None
-    return callbacks.KnnEvaluator(bank, queries, d.image_size, e, d.eval_crop_fraction)
-
-
 def train(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
 ) -> dict:
@@ -262,11 +227,8 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
     write_config(config, workdir, allow_config_change)
 
     d = config.data
-    source = data.load_source(
-        d.source, "train", d.max_examples, config.seed, d.tfds_data_dir or None, d.tfds_download
-    )
-    if d.check_images:
-        source = imagecheck.drop_undecodable(source, d.strict, workdir)
+    # A labelled source without a test split: its held-out images are not pretrained on.
+    source, _ = holdout.load_split(config, "train", workdir, d.max_examples, record=True)
     global_batch = config.optim.batch_size
     steps = source.num_examples // global_batch
     # Several workers on TFRecords: each reads its own shard files (per-worker batches).
@@ -304,7 +266,7 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
         config.train.backup_every_steps,
     )
     initial_epoch, initial_batch = checkpointer.restore()
-    evaluator = make_knn_evaluator(config, workdir, source) if workers == 1 else None
+    evaluator = callbacks.make_knn_evaluator(config, workdir, source) if workers == 1 else None
     if workers > 1:
         logging.info("%d workers: no kNN during training; run tools/eval_knn.py after", workers)
 
@@ -357,7 +319,11 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
         ]
         if evaluator:
             cbs.insert(1, callbacks.KnnMonitor(evaluator, config.eval.knn_every_epochs, epochs))
-        cbs.append(keras.callbacks.TensorBoard(os.path.join(workdir, "tb"), update_freq="epoch"))
+        cbs.append(
+            callbacks.TensorBoardScalars(
+                os.path.join(workdir, "tb"), config.train.log_every_steps, random_init_path
+            )
+        )
         verbose = config.train.verbose
         if verbose == 1:
             verbose = quiet.progress_verbosity()  # redirected: one line per epoch

@@ -1,6 +1,7 @@
 """Evaluation: the kNN classifier, the stop-gradient switch, LARS, the linear probe, the tools."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from simsiam_tf import data, knn, linear, model, optim
+from simsiam_tf import data, holdout, knn, linear, model, optim
 from tests.conftest import REPO
 from tests.helpers import TINY_TRAIN_FLAGS, tiny_config
 
@@ -140,9 +141,17 @@ def test_linear_probe_leaves_the_backbone_unchanged(augment):
     )
     assert result["backbone_unchanged"] is True
     assert linear.changed_weights(backbone, before) == []  # BN moving statistics included
-    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
-    assert result["top5"] == 1.0  # 3 classes: the top 5 always holds the answer
+    assert "top5" not in result  # 3 classes: the top 5 always holds the answer
     assert result["top1"] > 0.6  # the colour cue is easy
+
+
+def test_linear_probe_reports_top5_only_with_more_than_5_classes():
+    backbone = _tiny_backbone()
+    proto = linear.get_protocol("cifar", epochs=2, batch_size=16)
+    train, test = _tiny_source(48, 0, classes=3), _tiny_source(24, 1, classes=3)
+    train = dataclasses.replace(train, num_classes=6)  # 6 classes, 3 of them seen
+    result = linear.linear_eval(backbone, train, test, 12, proto, seed=0)
+    assert result["num_classes"] == 6 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
 
 
 def test_changed_weights_notices_a_moving_statistic():
@@ -185,7 +194,7 @@ def test_topk_accuracy():
 
 def test_holdout_split_is_per_class_and_disjoint():
     src = _tiny_source(50, 0)
-    train, test = linear.holdout_split(src, 0.2, seed=0)
+    train, test = holdout.holdout_split(src, 0.2, seed=0)
     assert train.num_examples + test.num_examples == 50
     assert set(np.unique(test.labels)) == set(np.unique(src.labels))
     both = np.concatenate([train.images, test.images]).reshape(50, -1)
@@ -336,3 +345,121 @@ def test_tools_end_to_end(tmp_path):
     report = json.load(open(os.path.join(study, "ablation.json")))
     assert set(report["arms"]) == {"simsiam", "no_stopgrad"}
     assert os.path.exists(os.path.join(study, "ablation.png")) and "| no_stopgrad |" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# The held-out split of a labelled folder without test/
+
+
+def _folder_config(folder, **eval_overrides):
+    c = tiny_config()
+    c.data.source = f"folder:{folder}"
+    c.data.image_size = 16
+    for k, v in eval_overrides.items():
+        c.eval[k] = v
+    return c
+
+
+def _names(source):
+    return sorted(
+        os.path.relpath(f, source.name.partition(":")[2].split("[")[0]) for f in source.files
+    )
+
+
+def test_holdout_is_recorded_stratified_disjoint_and_reused(tmp_path, caplog):
+    from tests.conftest import write_images
+
+    folder = tmp_path / "photos"
+    for c, n in (("a", 10), ("b", 6), ("c", 1)):
+        write_images(str(folder / c), n, seed=len(c) + n)
+    run = str(tmp_path / "run")
+    config = _folder_config(folder)
+    train, info = holdout.load_split(config, "train", run, record=True)
+    test, _ = holdout.load_split(config, "test", run)
+    # 20% of each class, at least one of a class of two or more, none of a class of one.
+    assert sorted(test.labels.tolist()) == [0, 0, 1]
+    assert train.num_examples == 14 and test.num_examples == 3
+    assert not set(train.files) & set(test.files)
+    assert sorted(train.files + test.files) == sorted(data.load_source(f"folder:{folder}").files)
+    saved = json.load(open(os.path.join(run, holdout.RECORD)))
+    assert saved["heldout"] == _names(test) and saved["num_heldout"] == 3
+    assert saved["sha1"] == holdout.digest(_names(test)) and saved["excluded_from_pretraining"]
+    assert (saved["fraction"], saved["seed"], saved["num_examples"]) == (0.2, 0, 17)
+    assert info == saved
+
+    # Another seed in the config, and a new file in the folder: the record still decides, and
+    # the new file joins the training side.
+    write_images(str(folder / "a" / "new"), 1, seed=99)
+    other = _folder_config(folder, holdout_seed=5)
+    test2, _ = holdout.load_split(other, "test", run)
+    train2, _ = holdout.load_split(other, "train", run)
+    assert _names(test2) == _names(test)
+    assert train2.num_examples == 15 and any("new" in f for f in train2.files)
+    assert any("the run's recorded split is used" in r.getMessage() for r in caplog.records)
+    # Without a record, the seed draws another split of the same size.
+    fresh, _ = holdout.load_split(other, "test", str(tmp_path / "elsewhere"))
+    assert fresh.num_examples == 3 and _names(fresh) != _names(test)
+
+
+def test_no_holdout_with_a_test_folder_or_fraction_zero(tmp_path):
+    from tests.conftest import write_images
+
+    for split, n in (("train", 5), ("test", 2)):
+        for c in ("a", "b"):
+            write_images(str(tmp_path / "split" / split / c), n, seed=n)
+    config = _folder_config(tmp_path / "split")
+    test, info = holdout.load_split(config, "test", str(tmp_path / "run"), record=True)
+    assert info is None and test.num_examples == 4 and test.name.endswith("test")
+    assert not os.path.exists(tmp_path / "run" / holdout.RECORD)
+
+    for c in ("a", "b"):
+        write_images(str(tmp_path / "flat" / c), 5, seed=1)
+    config = _folder_config(tmp_path / "flat", holdout_fraction=0.0)
+    assert holdout.load_split(config, "test", str(tmp_path / "run2"), record=True) == (None, None)
+    assert holdout.load_split(config, "train", None)[0].num_examples == 10
+    with pytest.raises(ValueError, match="holdout_fraction=0 holds none out"):
+        linear.eval_sources(config, None)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("eval.holdout_fraction", 1.0, r"must be in \[0, 1\)"),
+        ("eval.holdout_fraction", -0.1, r"must be in \[0, 1\)"),
+        ("eval.holdout_seed", -1, "non-negative"),
+        ("train.log_every_steps", -5, ">= 0"),
+    ],
+)
+def test_holdout_and_logging_keys_are_validated(key, value, match):
+    from simsiam_tf import config as config_lib
+    from simsiam_tf.errors import ConfigError
+
+    c = config_lib.default_config()
+    section, name = key.split(".")
+    c[section][name] = value
+    with pytest.raises(ConfigError, match=f"config.{key}={value}.*{match}"):
+        config_lib.validate(c)
+
+
+def test_weights_info_names_the_epoch_of_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    ckpt = tf.train.Checkpoint(v=tf.Variable(1.0))
+    manager = tf.train.CheckpointManager(ckpt, str(run / "checkpoints"), 3)
+    manager.save(checkpoint_number=8)
+    (run / "checkpoints" / "steps_per_epoch.json").write_text(json.dumps({"steps_per_epoch": 4}))
+    info = linear.weights_info(str(run))
+    assert (info["kind"], info["epoch"], info["step"]) == ("checkpoint", 2, 8)
+    assert linear.describe(info).endswith("ckpt-8 (epoch 2, step 8)")
+    manager.save(checkpoint_number=10)  # a mid-epoch backup
+    assert linear.weights_info(str(run))["epoch"] == 2.5
+    assert linear.weights_info(str(run), random_init=True)["epoch"] == 0
+    assert linear.weights_info(str(run), weights="x.weights.h5")["epoch"] is None
+    # No checkpoints, only the final weights: the last epoch of history.jsonl.
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "backbone.weights.h5").write_bytes(b"")
+    rows = [{"epoch": e, "step": 5 * e, "loss": 0.0} for e in (1, 2, 3)]
+    (final / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert linear.weights_info(str(final))["epoch"] == 3
+    with pytest.raises(FileNotFoundError, match="neither checkpoints"):
+        linear.weights_info(str(tmp_path / "empty"))

@@ -6,9 +6,14 @@
 L2-normalised backbone features (BatchNorm in inference mode) of the bank split are the memory;
 each query's k nearest by cosine similarity vote with weight exp(sim / t); top-1 on the query
 split. The same network at its random initialisation is scored too (--random_init_baseline),
-since a random CNN already does well above chance. Writes WORKDIR/knn_eval.json (or --output).
---data scores another labelled data set: class subfolders, with train/ and test/ subfolders,
-or else a seeded 80/20 split.
+since a random CNN already does well above chance. Writes WORKDIR/knn_eval.json (or --output),
+with the epoch of the checkpoint scored.
+
+The splits are those training scored (simsiam_tf/holdout.py): a labelled folder without test/
+is scored on the held-out images listed in WORKDIR/holdout.json, and broken image files are
+skipped and named (or refused under data.strict), reusing the run's cached verdicts. --data
+scores another labelled data set: class subfolders, with train/ and test/ subfolders, or else a
+seeded held-out split (eval.holdout_fraction, eval.holdout_seed of the run).
 """
 
 import json
@@ -16,9 +21,11 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
 
-from simsiam_tf import data, knn, linear
+from absl import flags, logging
+
+from simsiam_tf import data, holdout, knn, linear
 from simsiam_tf.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory.")
@@ -58,18 +65,19 @@ def score(backbone, bank, queries, image_size, crop_fraction, k, t, batch) -> fl
 def main(argv):
     del argv
     start = time.time()
+    workdir = _WORKDIR.value
     try:
-        backbone, config, origin = linear.load_run_backbone(_WORKDIR.value, weights=_WEIGHTS.value)
+        backbone, config, origin = linear.load_run_backbone(workdir, weights=_WEIGHTS.value)
+        weights = linear.weights_info(workdir, weights=_WEIGHTS.value)
         d, e = config.data, config.eval
-        bank, queries = linear.eval_sources(
-            _DATA.value or d.source,
+        bank, queries, held = linear.eval_sources(
+            config,
+            workdir,
+            _DATA.value,
             _BANK_SPLIT.value or e.bank_split,
             _QUERY_SPLIT.value or e.query_split,
             _or(_MAX_BANK.value, e.max_bank),
             _or(_MAX_QUERIES.value, e.max_queries),
-            config.seed,
-            d.tfds_data_dir or None,
-            d.tfds_download,
         )
     except (ConfigError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
@@ -83,9 +91,14 @@ def main(argv):
         queries.name,
         queries.num_examples,
     )
-    result = {"knn_top1": score(backbone, *args), "backbone": origin}
+    result = {
+        "knn_top1": score(backbone, *args),
+        "backbone": origin,
+        "epoch": weights["epoch"],
+        "step": weights["step"],
+    }
     if _BASELINE.value:
-        init, _, _ = linear.load_run_backbone(_WORKDIR.value, random_init=True)
+        init, _, _ = linear.load_run_backbone(workdir, random_init=True)
         result["random_init_knn_top1"] = score(init, *args)
     result.update(
         k=k,
@@ -94,16 +107,19 @@ def main(argv):
         num_bank=bank.num_examples,
         queries=queries.name,
         num_queries=queries.num_examples,
+        holdout=holdout.summary(held),
         wall_seconds=time.time() - start,
     )
-    out = _OUTPUT.value or os.path.join(_WORKDIR.value, "knn_eval.json")
+    out = _OUTPUT.value or os.path.join(workdir, "knn_eval.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     line = f"knn_top1={result['knn_top1']:.4f}"
+    if weights["epoch"] is not None:
+        line = f"epoch {weights['epoch']}: {line}"
     if "random_init_knn_top1" in result:
         line += f" random_init_knn_top1={result['random_init_knn_top1']:.4f}"
     print(f"{line} -> {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

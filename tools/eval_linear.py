@@ -5,18 +5,26 @@
 
 The backbone (latest checkpoint, else WORKDIR/backbone.weights.h5) runs with BatchNorm in
 inference mode; only the linear head trains (protocols: simsiam_tf/linear.py). The tool checks
-that every backbone weight is unchanged afterwards, and writes top-1/top-5 as JSON to
-WORKDIR/linear_<protocol>[_random_init].json (or --output). --data evaluates on another labelled
-data set: class subfolders, with train/ and test/ subfolders, or else a seeded 80/20 split.
+that every backbone weight is unchanged afterwards, and writes top-1 (top-5 too with more than 5
+classes) and the epoch of the checkpoint as JSON to WORKDIR/linear_<protocol>[_random_init].json
+(or --output). Quiet while the head trains unless --verbose=1 (a bar) or 2 (a line per epoch).
+
+The splits are those training used (simsiam_tf/holdout.py): for a labelled folder without
+test/, the head trains on the pretraining images and is scored on the held-out ones listed in
+WORKDIR/holdout.json; broken image files are skipped and named (or refused under data.strict),
+reusing the run's cached verdicts. --data evaluates on another labelled data set: class
+subfolders, with train/ and test/ subfolders, or else a seeded held-out split.
 """
 
 import json
 import os
 import sys
 
-from absl import app, flags, logging
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
 
-from simsiam_tf import linear
+from absl import flags, logging
+
+from simsiam_tf import holdout, linear
 from simsiam_tf.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory.")
@@ -34,7 +42,9 @@ _AUGMENT = flags.DEFINE_bool("augment", None, "Override: train on random-resized
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Evaluate the network at initialisation.")
 _WEIGHTS = flags.DEFINE_string("weights", "", "A backbone .weights.h5 to evaluate instead.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON path (default: in the run directory).")
-_VERBOSE = flags.DEFINE_integer("verbose", 2, "Keras verbosity while the head trains.")
+_VERBOSE = flags.DEFINE_integer(
+    "verbose", 0, "Keras verbosity while the head trains: 0 quiet, 1 bar, 2 a line per epoch."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -52,16 +62,16 @@ def main(argv):
         backbone, config, origin = linear.load_run_backbone(
             _WORKDIR.value, _RANDOM_INIT.value, _WEIGHTS.value
         )
+        weights = linear.weights_info(_WORKDIR.value, _RANDOM_INIT.value, _WEIGHTS.value)
         d = config.data
-        train_src, test_src = linear.eval_sources(
-            _DATA.value or d.source,
+        train_src, test_src, held = linear.eval_sources(
+            config,
+            _WORKDIR.value,
+            _DATA.value,
             _TRAIN_SPLIT.value,
             _TEST_SPLIT.value or config.eval.query_split,
             _MAX_TRAIN.value,
             _MAX_TEST.value,
-            config.seed,
-            d.tfds_data_dir or None,
-            d.tfds_download,
         )
     except (ConfigError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
@@ -76,13 +86,23 @@ def main(argv):
         config.seed,
         verbose=_VERBOSE.value,
     )
-    result["backbone"] = origin
+    result.update(
+        backbone=origin,
+        epoch=weights["epoch"],
+        step=weights["step"],
+        holdout=holdout.summary(held),
+    )
     suffix = "_random_init" if _RANDOM_INIT.value else ""
     out = _OUTPUT.value or os.path.join(_WORKDIR.value, f"linear_{proto.name}{suffix}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"top1={result['top1']:.4f} top5={result['top5']:.4f} backbone_unchanged=True -> {out}")
+    line = f"top1={result['top1']:.4f}"
+    if weights["epoch"] is not None:
+        line = f"epoch {weights['epoch']}: {line}"
+    if "top5" in result:
+        line += f" top5={result['top5']:.4f}"
+    print(f"{line} backbone_unchanged=True -> {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
