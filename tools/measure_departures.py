@@ -136,6 +136,11 @@ def _to_uint8(x) -> np.ndarray:
     return np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
 
 
+def _interior(images: list, border: int) -> list:
+    """The images without their `border`-pixel frame (where edge handling matters)."""
+    return [x[border:-border, border:-border] for x in images]
+
+
 def measure_blur(photos: list, sigmas=(0.1, 0.5, 1.0, 1.5, 2.0)) -> list:
     radius = augment.blur_radius(default_config().aug)  # 3 x sigma_max = 6 px for [0.1, 2]
     rows = []
@@ -149,14 +154,14 @@ def measure_blur(photos: list, sigmas=(0.1, 0.5, 1.0, 1.5, 2.0)) -> list:
             )
             p = augment.blur_planar(tf.transpose(x, (2, 0, 1)), tf.constant(sigma), radius)
             planar.append(_to_uint8(tf.transpose(p, (1, 2, 0))))
-        h, w = photos[0].shape[:2]
-        b = radius
-        inner = lambda xs: [x[b : h - b, b : w - b] for x in xs]  # noqa: E731
         rows.append(
             {
                 "sigma": sigma,
                 **{f"all_{k}": v for k, v in _stats(batched, pil).items()},
-                **{f"interior_{k}": v for k, v in _stats(inner(batched), inner(pil)).items()},
+                **{
+                    f"interior_{k}": v
+                    for k, v in _stats(_interior(batched, radius), _interior(pil, radius)).items()
+                },
                 "batched_vs_planar_max": _stats(batched, planar)["max"],
             }
         )
