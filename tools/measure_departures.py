@@ -11,6 +11,10 @@ Three departures, each against what the official code computes:
   blur      our separable Gaussian (truncated at 3 sigma_max, reflected edges) against PIL's
             ImageFilter.GaussianBlur(radius=sigma), which simsiam/loader.py calls, on real
             photos, for sigma across the recipe's range [0.1, 2].
+  resize    our RandomResizedCrop resampling (the per-image antialiased path that image files
+            take; the batched bilinear path of in-memory sources when the photos are all one
+            size) against PIL's img.crop(box).resize((size, size), BILINEAR), which torchvision
+            runs, on windows drawn by the recipe (scale 0.2-1) and resized to --view px.
   colour    our colour jitter + grayscale (float in [0, 1] between ops, one rounding at the end)
             against torchvision's ColorJitter + RandomGrayscale on PIL images, which round to
             uint8 after every op (ImageEnhance for brightness, contrast, saturation; uint8 HSV
@@ -44,7 +48,8 @@ _SIZE = flags.DEFINE_integer(
 )
 _NUM = flags.DEFINE_integer("num", 500, "Number of photos (a seeded subset of the folder).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the subset and of the augmentation draws.")
-_PARTS = flags.DEFINE_list("parts", ["schedule", "blur", "colour"], "What to measure.")
+_VIEW = flags.DEFINE_integer("view", 0, "resize: output size of a view (0: the photos' size).")
+_PARTS = flags.DEFINE_list("parts", ["schedule", "resize", "blur", "colour"], "What to measure.")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Training-set sizes of the recipes' sources (a `data.max_examples` subset overrides them).
@@ -126,6 +131,41 @@ def _stats(ours: list, reference: list) -> dict:
         "mean_signed": float(d.mean()),
         "frac_gt1": float((a > 1).mean()),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Crop and resize.
+
+
+def measure_resize(photos: list, view: int, seed: int) -> list:
+    cfg = default_config().aug
+    same_size = len({p.shape for p in photos}) == 1
+    pil, planar, batched = [], [], []
+    for i, photo in enumerate(photos):
+        h, w = photo.shape[:2]
+        win = augment.sample_crop_windows(
+            tf.constant([seed, i], tf.int64), h, w, 1, cfg.crop_scale, cfg.crop_ratio
+        )
+        y, x, ch, cw = (int(t[0]) for t in win)
+        box = (x, y, x + cw, y + ch)
+        pil.append(
+            np.asarray(Image.fromarray(photo).crop(box).resize((view, view), Image.BILINEAR))
+        )
+        no_flip = tf.constant(False)
+        window = (y, x, ch, cw)
+        out = augment.resize_crop(tf.constant(photo), window, no_flip, view)
+        planar.append(_to_uint8(tf.transpose(out, (1, 0, 2)) / 255.0))
+        if same_size:
+            windows = tuple(tf.constant([v]) for v in window)
+            batched.append(
+                augment.batch_crop_resize_flip(
+                    photo[None], windows, tf.constant([False]), view
+                ).numpy()[0]
+            )
+    rows = [{"path": "per image (antialiased, files)", **_stats(planar, pil)}]
+    if same_size:
+        rows.append({"path": "batched (bilinear, in memory)", **_stats(batched, pil)})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,13 +281,13 @@ def _table(rows: list) -> str:
 def main(argv):
     del argv
     parts = set(_PARTS.value)
-    unknown = parts - {"schedule", "blur", "colour"}
+    unknown = parts - {"schedule", "resize", "blur", "colour"}
     if unknown:
-        raise app.UsageError(f"--parts: unknown {sorted(unknown)}; choose schedule, blur, colour")
+        raise app.UsageError(f"--parts: unknown {sorted(unknown)}; choose from {_PARTS.default}")
     if "schedule" in parts:
         print("## Per-step cosine against the official per-epoch cosine\n")
         print(_table(measure_schedule()) + "\n")
-    if parts & {"blur", "colour"}:
+    if parts & {"resize", "blur", "colour"}:
         if not _PHOTOS.value or not os.path.isdir(_PHOTOS.value):
             raise app.UsageError(f"--photos={_PHOTOS.value!r}: give a folder of real photos")
         photos = load_photos(_PHOTOS.value, _NUM.value, _SIZE.value, _SEED.value)
@@ -255,6 +295,10 @@ def main(argv):
         print(
             f"{len(photos)} photos from {os.path.basename(_PHOTOS.value.rstrip('/'))}, {shapes}\n"
         )
+        if "resize" in parts:
+            view = _VIEW.value or photos[0].shape[0]
+            print(f"## Crop and resize to {view} px: ours against PIL crop + BILINEAR resize\n")
+            print(_table(measure_resize(photos, view, _SEED.value)) + "\n")
         if "blur" in parts:
             if len(shapes) > 1:
                 raise app.UsageError("blur: photos of several sizes; pass --size")
