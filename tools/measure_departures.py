@@ -292,9 +292,8 @@ def main(argv):
             raise app.UsageError(f"--photos={_PHOTOS.value!r}: give a folder of real photos")
         photos = load_photos(_PHOTOS.value, _NUM.value, _SIZE.value, _SEED.value)
         shapes = sorted({p.shape for p in photos})
-        print(
-            f"{len(photos)} photos from {os.path.basename(_PHOTOS.value.rstrip('/'))}, {shapes}\n"
-        )
+        sides = [side for p in photos for side in p.shape[:2]]
+        print(f"{len(photos)} photos, {len(shapes)} sizes, sides {min(sides)}-{max(sides)} px\n")
         if "resize" in parts:
             view = _VIEW.value or photos[0].shape[0]
             print(f"## Crop and resize to {view} px: ours against PIL crop + BILINEAR resize\n")
