@@ -450,6 +450,11 @@ def pretrain_dataset(
                     tf.math.floormod(augment.fold_seed(base_seed, epoch, key)[0], 2**31 - 1)
                     for key in (13, 17)
                 )
+                # Dataset.shuffle pairs its seed with the graph-level seed, which the caller may
+                # have set to anything (and a global seed of 0 with a tensor seed fails to
+                # trace). Here, while this function is traced, set_seed fixes the seed of this
+                # function's graph only, so the order depends on (seed, epoch) alone.
+                tf.random.set_seed(0x5157)
                 ds = encoded if source.stream is None else source.stream(files_seed)
                 ds = ds.shuffle(
                     min(source.num_examples, data_config.shuffle_buffer), seed=buffer_seed
