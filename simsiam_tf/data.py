@@ -336,16 +336,16 @@ def pretrain_dataset(
 ) -> tf.data.Dataset:
     """Global batches {"view1", "view2"} of uint8 views, epoch after epoch, from `start_epoch`.
 
-    Each epoch is a fresh seeded permutation cut into `num_examples // global_batch` full batches
+    Each epoch is a fresh seeded order cut into `num_examples // global_batch` full batches
     (the remainder is dropped), or `steps_per_epoch` of them when that is smaller. Batch b of
     epoch e is a pure function of (seed, e, b): `start_batch` skips the first batches of
     `start_epoch` without computing them, which is how a run resumes mid-epoch. Streamed
     sources are not permuted but read in a per-epoch file order through a per-epoch seeded
     shuffle buffer; the skipped batches are read and dropped (not augmented), so a resume
     costs one read of the epoch's first `start_batch` batches. With
-    `data_config.photometric == "device"` the views are only
-    cropped and flipped here and the batches also carry "params1"/"params2", the per-image
-    photometric parameters that the train step applies on the accelerator.
+    `data_config.photometric == "device"` the views are only cropped and flipped here and the
+    batches also carry "params1"/"params2", the per-image photometric parameters that the train
+    step applies on the accelerator.
     """
     steps = source.num_examples // global_batch
     if steps == 0:
