@@ -47,7 +47,7 @@ class Protocol:
     crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop of the augmented training views
     eval_crop_fraction: Optional[float] = None  # None: the run's data.eval_crop_fraction
     # LARS only: "larc" is the official main_lincls.py --lars (apex LARC on every variable);
-    # "mocov3" exempts biases from the trust ratio and decay as MoCo v3 does (optim.LARS).
+    # "mocov3" exempts biases from the trust ratio and decay as MoCo v3's LARS (optim.LARS).
     lars_rule: str = "larc"
 
     @property

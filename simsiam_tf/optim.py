@@ -172,8 +172,8 @@ class LARS(TorchSGD):
             g unchanged (LARC zeroes the SGD's weight decay during its step, so a variable
             skipped here gets no decay either)
 
-    "mocov3": facebookresearch/moco-v3 `moco/optimizer.py` (its linear evaluation and the
-    common LARS elsewhere). Variables of more than one dimension get
+    "mocov3": facebookresearch/moco-v3 `moco/optimizer.py` (MoCo v3's LARS, which its
+    `main_moco.py --optimizer=lars` pretrains with). Variables of more than one dimension get
 
         g <- g + wd * w;   g <- g * trust * ||w|| / ||g||   (x 1 where either norm is 0)
 
