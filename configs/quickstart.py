@@ -13,7 +13,8 @@ and a 2-core budget:
   * batch 128, base lr 0.06 with 1 warm-up epoch, 30 epochs.
 On digits a randomly initialised CNN already scores about 95% kNN: the run's health shows in
 z_std_ratio (about 1 healthy, 0 collapsed) and the falling loss; the evidence that SimSiam learns
-is on real photos (docs/RESULTS.md).
+is on real photos (docs/RESULTS.md). Departures from the official code that remain in any
+recipe (cosine per step, colour ops in float) are measured in docs/FIDELITY.md.
 """
 
 from simsiam_tf.config import default_config

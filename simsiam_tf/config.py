@@ -45,7 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
         image_size=32,
         photometric="cpu",  # "device": colour/blur run in the train step on the accelerator
         threads=0,  # tf.data threads; 0: one per core
-        shuffle_buffer=10_000,  # streamed (TFDS) sources only; others are fully permuted
+        # Streamed sources (TFDS sets too large for memory, TFRecords) only: examples mix through
+        # a buffer this wide, seeded per epoch, after a per-epoch shard order. Others are fully
+        # permuted every epoch.
+        shuffle_buffer=10_000,
         tfds_data_dir="",
         tfds_download=True,
         eval_crop_fraction=1.0,  # 1: resize; 0.875: resize to size/0.875 and centre-crop

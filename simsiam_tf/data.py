@@ -13,7 +13,11 @@ Sources, named by `data.source`:
 
 Each image is read once per epoch and both views are cut from it, each with its own random
 draw (never one draw per batch). Every random number is keyed by (seed, epoch, batch or
-example), so a run is reproducible.
+example), so a run is reproducible and a resumed run sees the batches an uninterrupted one
+would. In-memory sources and image folders take a fresh full permutation every epoch, as the
+official code's sampler does; streamed sources (TFDS datasets too large for memory, TFRecords)
+read their shard files in an order drawn per epoch and mix examples through a shuffle buffer
+seeded per epoch (`data.shuffle_buffer` examples wide), so each epoch has its own order too.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import shutil
 import tarfile
 import zipfile
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -53,6 +57,9 @@ class Source:
     files: Optional[list] = None  # paths of encoded images
     tfds_dataset: Optional[tf.data.Dataset] = None  # (encoded bytes, label) in a fixed order
     class_names: tuple = ()
+    # Streamed sources: int64 seed -> (encoded bytes, label), shard files in an order drawn
+    # from the seed; pretraining calls it once per epoch with a seed folded from the epoch.
+    stream: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None
 
     @property
     def in_memory(self) -> bool:
@@ -130,6 +137,7 @@ def _subset(source: Source, n: int, seed: int) -> Source:
             num_examples=n,
             tfds_dataset=source.tfds_dataset.take(n),
             labels=source.labels[:n],
+            stream=None,  # the subset is the first n in the fixed order, every epoch
         )
     return dataclasses.replace(
         source,
@@ -318,20 +326,31 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
             labels=np.concatenate(labels).astype(np.int64),
             images=images,
         )
-    ds = builder.as_dataset(
-        split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
-    )
-    if label_key:
-        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
-    else:
-        ds = ds.map(lambda ex: (ex[image_key], tf.constant(-1, tf.int64)))
+    decoders = {image_key: tfds.decode.SkipDecoding()}
+
+    def pairs(ds):
+        if label_key:
+            return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int64)))
+        return ds.map(lambda ex: (ex[image_key], tf.constant(-1, tf.int64)))
+
+    def stream(seed):
+        # A seeded file order is read deterministically (TFDS interleaves files in order when
+        # the shuffle has a seed); no reshuffle: each epoch builds its stream afresh.
+        read_config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=False)
+        return pairs(
+            builder.as_dataset(
+                split=split, shuffle_files=True, read_config=read_config, decoders=decoders
+            )
+        )
+
     # Labels of a streamed source are not gathered up front; evaluation reads them from the data.
     return Source(
         name=f"tfds:{name}/{split}",
         num_examples=num_examples,
         num_classes=num_classes,
         labels=np.full(num_examples, -1, np.int64),
-        tfds_dataset=ds,
+        tfds_dataset=pairs(builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)),
+        stream=stream,
     )
 
 
@@ -348,6 +367,7 @@ def _load_tfrecords(arg: str, split: str, seed: int, shard: tuple) -> Optional[S
         labels=np.full(records.num_examples, -1, np.int64),
         tfds_dataset=tfrecords.record_dataset(records.files, seed),
         class_names=records.class_names,
+        stream=lambda s: tfrecords.record_dataset(records.files, s),
     )
 
 
@@ -383,12 +403,16 @@ def pretrain_dataset(
 ) -> tf.data.Dataset:
     """Global batches {"view1", "view2"} of uint8 views, epoch after epoch, from `start_epoch`.
 
-    Each epoch is a fresh seeded permutation cut into `num_examples // global_batch` full batches
+    Each epoch is a fresh seeded order cut into `num_examples // global_batch` full batches
     (the remainder is dropped), or `steps_per_epoch` of them when that is smaller. Batch b of
     epoch e is a pure function of (seed, e, b): `start_batch` skips the first batches of
-    `start_epoch` without computing them, which is how a run resumes mid-epoch. With `data_config.photometric == "device"` the views are only
-    cropped and flipped here and the batches also carry "params1"/"params2", the per-image
-    photometric parameters that the train step applies on the accelerator.
+    `start_epoch` without computing them, which is how a run resumes mid-epoch. Streamed
+    sources are not permuted but read in a per-epoch file order through a per-epoch seeded
+    shuffle buffer; the skipped batches are read and dropped (not augmented), so a resume
+    costs one read of the epoch's first `start_batch` batches. With
+    `data_config.photometric == "device"` the views are only cropped and flipped here and the
+    batches also carry "params1"/"params2", the per-image photometric parameters that the train
+    step applies on the accelerator.
     """
     steps = source.num_examples // global_batch
     if steps == 0:
@@ -486,9 +510,21 @@ def pretrain_dataset(
                     num_parallel_calls=AUTOTUNE,
                 )
             else:
-                # A streamed source is shuffled through a buffer: seeded, reshuffled each epoch.
-                ds = encoded.shuffle(
-                    min(source.num_examples, data_config.shuffle_buffer), seed=seed
+                # A streamed source: shard files in an order drawn for this epoch, then a
+                # shuffle buffer seeded for this epoch. Both seeds are folded from the epoch, so
+                # every epoch has its own order and a resumed epoch repeats the original one.
+                files_seed, buffer_seed = (
+                    tf.math.floormod(augment.fold_seed(base_seed, epoch, key)[0], 2**31 - 1)
+                    for key in (13, 17)
+                )
+                # Dataset.shuffle pairs its seed with the graph-level seed, which the caller may
+                # have set to anything (and a global seed of 0 with a tensor seed fails to
+                # trace). Here, while this function is traced, set_seed fixes the seed of this
+                # function's graph only, so the order depends on (seed, epoch) alone.
+                tf.random.set_seed(0x5157)
+                ds = encoded if source.stream is None else source.stream(files_seed)
+                ds = ds.shuffle(
+                    min(source.num_examples, data_config.shuffle_buffer), seed=buffer_seed
                 )
                 ds = ds.enumerate().skip(skip * global_batch).map(lambda i, ex: (i, ex[0]))
             # Each example is finished on its own (decode, both views, photometric on the CPU):

@@ -10,8 +10,9 @@ Protocols (`PROTOCOLS`; every field can be overridden):
   cifar     SGD momentum 0.9, batch 256, lr 0.1 x batch/256 with cosine decay, weight decay 0,
             100 epochs, on features of the un-augmented images (computed once: minutes on a
             CPU). `augment=True` trains on random-resized-crop + flip views instead.
-  imagenet  as the official main_lincls.py --lars: LARS (trust 0.001, momentum 0.9), batch
-            4096, lr 0.1 x batch/256 = 1.6 with cosine decay, weight decay 0, 90 epochs;
+  imagenet  as the official main_lincls.py --lars: LARS (apex LARC, trust 0.001, no clipping,
+            on the weight and on the bias; `lars_rule="mocov3"` exempts the bias), momentum
+            0.9, batch 4096, lr 0.1 x batch/256 = 1.6 with cosine decay, weight decay 0, 90 epochs;
             RandomResizedCrop(224, scale 0.08-1) + flip for training, resize to 256 and centre
             crop 224 for evaluation; classifier initialised N(0, 0.01), bias 0. (The paper's
             appendix A quotes base lr 0.02; the released code's default, used here, is 0.1.)
@@ -47,6 +48,9 @@ class Protocol:
     augment: bool = False  # False: features of the un-augmented images, computed once
     crop_scale: tuple = (0.08, 1.0)  # RandomResizedCrop of the augmented training views
     eval_crop_fraction: Optional[float] = None  # None: the run's data.eval_crop_fraction
+    # LARS only: "larc" is the official main_lincls.py --lars (apex LARC on every variable);
+    # "mocov3" exempts biases from the trust ratio and decay as MoCo v3's LARS (optim.LARS).
+    lars_rule: str = "larc"
 
     @property
     def lr(self) -> float:
@@ -79,6 +83,8 @@ def get_protocol(name: str, **overrides) -> Protocol:
     proto = dataclasses.replace(PROTOCOLS[name], **overrides)
     if proto.optimizer not in ("sgd", "lars"):
         raise ValueError(f"optimizer={proto.optimizer!r}: choose 'sgd' or 'lars'")
+    if proto.lars_rule not in optim.LARS_RULES:
+        raise ValueError(f"lars_rule={proto.lars_rule!r}: choose one of {optim.LARS_RULES}")
     for key in ("batch_size", "epochs"):
         if getattr(proto, key) < 1:
             raise ValueError(f"{key}={getattr(proto, key)} must be a positive integer")
@@ -192,7 +198,12 @@ def _feature_dataset(feats: np.ndarray, labels: np.ndarray, batch: int, seed: in
 def build_optimizer(proto: Protocol, total_steps: int):
     schedule = optim.WarmupCosine(proto.lr, total_steps=max(total_steps, 1))
     if proto.optimizer == "lars":
-        return optim.LARS(schedule, momentum=proto.momentum, l2_weight_decay=proto.weight_decay)
+        return optim.LARS(
+            schedule,
+            momentum=proto.momentum,
+            l2_weight_decay=proto.weight_decay,
+            rule=proto.lars_rule,
+        )
     return optim.TorchSGD(schedule, momentum=proto.momentum, l2_weight_decay=proto.weight_decay)
 
 

@@ -22,8 +22,9 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`.
 
-    Evaluated per step (the official code steps the cosine once per epoch; per step is smoother
-    and reaches the same end points).
+    Evaluated per step; the official code steps the cosine once per epoch. The two curves are at
+    most pi / (2 x epochs) of the peak apart and the per-step one sums to about 1 / epochs less
+    (ImageNet recipe: 1.57% and 0.99%; docs/FIDELITY.md, tools/measure_departures.py).
     """
 
     def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0):
@@ -152,15 +153,33 @@ def build_optimizer(optim_config, global_batch: int, steps_per_epoch: int, predi
     return opt
 
 
+# The two LARS rules `LARS` implements (see its docstring).
+LARS_RULES = ("larc", "mocov3")
+
+
 @keras.saving.register_keras_serializable("simsiam_tf")
 class LARS(TorchSGD):
-    """LARS as the official linear evaluation (facebookresearch/simsiam `optimizer.py`, used by
-    `main_lincls.py --lars`): for every variable of more than one dimension
+    """LARS for the linear evaluation: SGD with momentum whose gradients are first rescaled per
+    variable by a trust ratio. Two rules (`rule`):
+
+    "larc" (default): the official linear evaluation, facebookresearch/simsiam `main_lincls.py
+    --lars`, which wraps torch.optim.SGD in NVIDIA apex `LARC(trust_coefficient=0.001,
+    clip=False)` (apex/parallel/LARC.py, eps 1e-8). For EVERY variable, biases included:
+
+        if ||w|| > 0 and ||g|| > 0:
+            g <- (g + wd * w) * trust * ||w|| / (||g|| + wd * ||w|| + eps)
+        else:
+            g unchanged (LARC zeroes the SGD's weight decay during its step, so a variable
+            skipped here gets no decay either)
+
+    "mocov3": facebookresearch/moco-v3 `moco/optimizer.py` (MoCo v3's LARS, which its
+    `main_moco.py --optimizer=lars` pretrains with). Variables of more than one dimension get
 
         g <- g + wd * w;   g <- g * trust * ||w|| / ||g||   (x 1 where either norm is 0)
 
-    then, for every variable, buf <- momentum * buf + g;  w <- w - lr * buf. Variables of at most
-    one dimension (biases, BN) get neither weight decay nor the trust ratio.
+    and variables of at most one dimension (biases, BN) neither decay nor the trust ratio.
+
+    Then, for every variable: buf <- momentum * buf + g;  w <- w - lr * buf (torch SGD).
     """
 
     def __init__(
@@ -169,6 +188,8 @@ class LARS(TorchSGD):
         momentum: float = 0.9,
         l2_weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,
+        rule: str = "larc",
+        eps: float = 1e-8,
         name: str = "lars",
         **kwargs,
     ):
@@ -181,23 +202,37 @@ class LARS(TorchSGD):
         )
         if trust_coefficient <= 0:
             raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
+        if rule not in LARS_RULES:
+            raise ValueError(f"LARS rule={rule!r} is not known; choose one of {LARS_RULES}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
         self.trust_coefficient = trust_coefficient
+        self.rule = rule
+        self.eps = eps
 
     def _direction(self, gradient, variable):
+        dtype = variable.dtype
+        trust = tf.cast(self.trust_coefficient, dtype)
+        wd = tf.cast(self.l2_weight_decay, dtype)
+        w_norm = tf.norm(variable)
+        if self.rule == "larc":
+            g_norm = tf.norm(gradient)
+            apply = (w_norm > 0) & (g_norm > 0)
+            ratio = trust * w_norm / (g_norm + wd * w_norm + tf.cast(self.eps, dtype))
+            return tf.where(apply, (gradient + wd * variable) * ratio, gradient)
         if len(variable.shape) <= 1:
             return gradient
-        gradient = super()._direction(gradient, variable)
-        w_norm = tf.norm(variable)
+        gradient = gradient + wd * variable
         g_norm = tf.norm(gradient)
-        trust = tf.where(
+        ratio = tf.where(
             (w_norm > 0) & (g_norm > 0),
-            tf.cast(self.trust_coefficient, variable.dtype) * w_norm / tf.maximum(g_norm, 1e-30),
+            trust * w_norm / tf.maximum(g_norm, tf.cast(1e-30, dtype)),
             tf.ones_like(w_norm),
         )
-        return gradient * trust
+        return gradient * ratio
 
     def get_config(self):
         config = super().get_config()
         config.pop("fixed_lr")
-        config.update(trust_coefficient=self.trust_coefficient)
+        config.update(trust_coefficient=self.trust_coefficient, rule=self.rule, eps=self.eps)
         return config

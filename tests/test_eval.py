@@ -87,13 +87,77 @@ def test_gradient_reaches_z_only_without_stop_gradient(stop_gradient):
 # LARS
 
 
-def test_lars_matches_the_official_update():
-    """Two steps against a numpy transcription of facebookresearch/simsiam optimizer.py."""
+def _larc_sgd_reference(params, grads, lr, mom, wd, trust, eps=1e-8):
+    """NumPy transcription of NVIDIA apex LARC(trust_coefficient=trust, clip=False).step()
+    (apex/parallel/LARC.py) around torch.optim.SGD(momentum=mom, weight_decay=wd), as the
+    official facebookresearch/simsiam main_lincls.py --lars builds it."""
+    params = [p.copy() for p in params]
+    bufs = [None] * len(params)
+    for step_grads in grads:
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            g = g.copy()
+            p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(g)
+            if p_norm != 0 and g_norm != 0:
+                adaptive_lr = trust * p_norm / (g_norm + p_norm * wd + eps)
+                g += wd * p
+                g *= adaptive_lr
+            # LARC set the group's weight_decay to 0, so SGD adds no decay of its own.
+            bufs[i] = g if bufs[i] is None else mom * bufs[i] + g
+            params[i] = p - lr * bufs[i]
+    return params
+
+
+def test_lars_default_rule_is_the_official_apex_larc():
+    """Three steps of weight and bias against the NumPy LARC: the bias starts at 0, so step 1
+    skips its trust ratio and decay; from step 2 on it is scaled like the weight."""
+    w0, b0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.zeros(2)
+    grads = [
+        (np.array([[0.3, 0.1], [-0.2, 0.4]]), np.array([0.5, -1.0])),
+        (np.array([[-0.1, 0.2], [0.6, -0.3]]), np.array([0.2, 0.3])),
+        (np.array([[0.05, -0.4], [0.1, 0.2]]), np.array([-0.7, 0.1])),
+    ]
+    lr, mom, wd, trust = 0.5, 0.9, 0.1, 1e-3
+    w, b = tf.Variable(w0), tf.Variable(b0)
+    opt = optim.LARS(lr, momentum=mom, l2_weight_decay=wd, trust_coefficient=trust)
+    assert opt.rule == "larc"
+    for gw, gb in grads:
+        opt.apply([tf.constant(gw), tf.constant(gb)], [w, b])
+    ref_w, ref_b = _larc_sgd_reference([w0, b0], grads, lr, mom, wd, trust)
+    np.testing.assert_allclose(w.numpy(), ref_w, rtol=1e-7)
+    np.testing.assert_allclose(b.numpy(), ref_b, rtol=1e-7)
+    # Step 1 moves the zero bias by the plain gradient; steps 2 and 3 add gradients scaled by
+    # ~trust, so the bias moves almost only by the momentum of step 1.
+    (one_step,) = _larc_sgd_reference([b0], [grads[0][1:]], lr, mom, wd, trust)
+    np.testing.assert_allclose(one_step, -lr * grads[0][1])
+    np.testing.assert_allclose(ref_b, (1 + mom + mom**2) * one_step, rtol=2e-3)
+    # The MoCo v3 rule would have left the bias unscaled: a different result.
+    w2, b2 = tf.Variable(w0), tf.Variable(b0)
+    moco = optim.LARS(lr, momentum=mom, l2_weight_decay=wd, trust_coefficient=trust, rule="mocov3")
+    for gw, gb in grads:
+        moco.apply([tf.constant(gw), tf.constant(gb)], [w2, b2])
+    assert np.abs(b2.numpy() - ref_b).max() > 0.1
+    assert np.abs(w2.numpy() - ref_w).max() > 1e-6  # wd enters the trust ratio differently
+
+
+def test_lars_larc_rule_in_float32_and_a_zero_gradient():
+    """float32 variables (as in training) and a zero gradient: no trust ratio, no decay."""
+    w0 = np.array([[1.0, -2.0], [0.5, 3.0]], np.float32)
+    grads = [(np.array([[0.3, 0.1], [-0.2, 0.4]], np.float32),), (np.zeros((2, 2), np.float32),)]
+    w = tf.Variable(w0)
+    opt = optim.LARS(0.3, momentum=0.9, l2_weight_decay=0.05, trust_coefficient=0.02)
+    for (g,) in grads:
+        opt.apply([tf.constant(g)], [w])
+    (ref,) = _larc_sgd_reference([w0.astype(np.float64)], grads, 0.3, 0.9, 0.05, 0.02)
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-6)
+
+
+def test_lars_mocov3_rule_matches_its_update():
+    """Two steps against a NumPy transcription of facebookresearch/moco-v3 moco/optimizer.py."""
     w0, b0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.array([0.1, -0.2])
     grads = [(np.array([[0.3, 0.1], [-0.2, 0.4]]), np.array([0.5, -1.0]))] * 2
     lr, mom, wd, trust = 0.5, 0.9, 1e-2, 1e-3
     w, b = tf.Variable(w0), tf.Variable(b0)
-    opt = optim.LARS(lr, momentum=mom, l2_weight_decay=wd, trust_coefficient=trust)
+    opt = optim.LARS(lr, momentum=mom, l2_weight_decay=wd, trust_coefficient=trust, rule="mocov3")
     ref_w, ref_b, mu_w, mu_b = w0.copy(), b0.copy(), 0.0, 0.0
     for gw, gb in grads:
         opt.apply([tf.constant(gw), tf.constant(gb)], [w, b])
@@ -103,14 +167,29 @@ def test_lars_matches_the_official_update():
         ref_w = ref_w - lr * mu_w
         mu_b = mom * mu_b + gb  # 1-D: plain momentum
         ref_b = ref_b - lr * mu_b
-    np.testing.assert_allclose(w.numpy(), ref_w, rtol=1e-6)
-    np.testing.assert_allclose(b.numpy(), ref_b, rtol=1e-6)
+    np.testing.assert_allclose(w.numpy(), ref_w, rtol=1e-7)
+    np.testing.assert_allclose(b.numpy(), ref_b, rtol=1e-7)
 
 
-def test_lars_leaves_zero_weights_to_plain_momentum():
+@pytest.mark.parametrize("rule", ["larc", "mocov3"])
+def test_lars_leaves_zero_weights_to_plain_momentum(rule):
     w = tf.Variable(np.zeros((2, 2)))
-    optim.LARS(1.0, momentum=0.0).apply([tf.ones((2, 2), tf.float64)], [w])
+    optim.LARS(1.0, momentum=0.0, l2_weight_decay=0.5, rule=rule).apply(
+        [tf.ones((2, 2), tf.float64)], [w]
+    )
     np.testing.assert_allclose(w.numpy(), -np.ones((2, 2)))
+
+
+def test_lars_rule_is_a_protocol_option_and_bad_rules_fail():
+    assert linear.get_protocol("imagenet").lars_rule == "larc"
+    proto = linear.get_protocol("imagenet", lars_rule="mocov3", epochs=2)
+    opt = linear.build_optimizer(proto, 10)
+    assert isinstance(opt, optim.LARS) and opt.rule == "mocov3"
+    assert optim.LARS.from_config(opt.get_config()).rule == "mocov3"
+    with pytest.raises(ValueError, match="lars_rule='moco'"):
+        linear.get_protocol("imagenet", lars_rule="moco")
+    with pytest.raises(ValueError, match="rule='lamb'"):
+        optim.LARS(0.1, rule="lamb")
 
 
 # ------------------------------------------------------------------------------------------------

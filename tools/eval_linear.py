@@ -24,7 +24,7 @@ import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
 
 from absl import flags, logging
 
-from simsiam_tf import holdout, linear
+from simsiam_tf import holdout, linear, optim
 from simsiam_tf.errors import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining run directory.")
@@ -38,6 +38,12 @@ _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the protocol's epochs."
 _BATCH = flags.DEFINE_integer("batch_size", None, "Override the protocol's batch size.")
 _BASE_LR = flags.DEFINE_float("base_lr", None, "Override the protocol's base lr (x batch/256).")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", None, ["sgd", "lars"], "Override the optimizer.")
+_LARS_RULE = flags.DEFINE_enum(
+    "lars_rule",
+    None,
+    list(optim.LARS_RULES),
+    "LARS: larc (official main_lincls.py, every variable) or mocov3 (biases exempt).",
+)
 _AUGMENT = flags.DEFINE_bool("augment", None, "Override: train on random-resized-crop views.")
 _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Evaluate the network at initialisation.")
 _WEIGHTS = flags.DEFINE_string("weights", "", "A backbone .weights.h5 to evaluate instead.")
@@ -57,6 +63,7 @@ def main(argv):
             batch_size=_BATCH.value,
             base_lr=_BASE_LR.value,
             optimizer=_OPTIMIZER.value,
+            lars_rule=_LARS_RULE.value,
             augment=_AUGMENT.value,
         )
         backbone, config, origin = linear.load_run_backbone(
