@@ -139,11 +139,13 @@ def test_after_a_non_finite_loss_a_fixed_rerun_resumes_from_the_last_good_checkp
         workdir,
         "--config.optim.base_lr=1e12",  # the second epoch diverges
         "--config.train.backup_every_steps=0",
+        "--allow_config_change",  # a new lr changes the run: refused without it
         check=False,
     )
     assert bad.returncode != 0
     assert "non-finite" in bad.stderr or "loss became" in bad.stderr
     assert _checkpoint_steps(workdir)[-1] == 8
-    out = _run(workdir)  # the cause fixed: the same command resumes and completes
+    # The cause fixed (the lr back to the saved run's first value): resumes and completes.
+    out = _run(workdir, "--allow_config_change")
     assert "ckpt-8" in out.stderr and "Resumed from" in out.stderr
     assert np.isfinite(np.concatenate([w.ravel() for w in _weights(workdir).values()])).all()
