@@ -21,6 +21,24 @@ def _aug(**overrides):
     return c
 
 
+def _photometric(cfg):
+    """The recipe's colour layers for the aug config `cfg`."""
+    return (
+        augment.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, cfg.jitter_prob),
+        augment.RandomGrayscale(cfg.grayscale_prob),
+        augment.GaussianBlur(cfg.blur_prob, cfg.blur_sigma),
+    )
+
+
+def _sample_photometric(seed, n, cfg):
+    """Every colour parameter of n images, one dict."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    params = {}
+    for s, layer in zip(seeds, _photometric(cfg)):
+        params.update(layer.sample(s, n))
+    return params
+
+
 def _torchvision_crop_params(rng, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision.transforms.RandomResizedCrop.get_params, transcribed."""
     area = height * width
@@ -78,7 +96,7 @@ def test_crop_fallback_is_centre_crop_with_clamped_ratio():
 def test_photometric_parameter_distributions():
     cfg = _aug()
     n = 40000
-    p = {k: v.numpy() for k, v in augment.sample_photometric(SEED, n, cfg).items()}
+    p = {k: v.numpy() for k, v in _sample_photometric(SEED, n, cfg).items()}
     assert p["jitter"].mean() == pytest.approx(0.8, abs=0.01)
     assert p["grayscale"].mean() == pytest.approx(0.2, abs=0.01)
     assert p["blur"].mean() == pytest.approx(0.5, abs=0.01)
@@ -135,7 +153,9 @@ def test_color_jitter_matches_torchvision_semantics_per_image():
     n = 12
     rng = np.random.default_rng(3)
     images = rng.uniform(0, 1, (n, 6, 5, 3)).astype(np.float32)
-    params = augment.sample_photometric(tf.constant([5, 6], tf.int64), n, cfg)
+    params = augment.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue).sample(
+        tf.constant([5, 6], tf.int64), n
+    )
     params["jitter"] = tf.constant([True] * (n - 2) + [False] * 2)
     out = augment.color_jitter(tf.constant(images), params).numpy()
     p = {k: v.numpy() for k, v in params.items()}
@@ -155,13 +175,15 @@ def test_color_jitter_matches_torchvision_semantics_per_image():
 
 
 def test_grayscale_uses_itu_601_luma_and_gives_equal_channels():
-    cfg = _aug(jitter_prob=0.0, blur_prob=0.0, grayscale_prob=1.0)
     images = tf.random.uniform((4, 8, 8, 3), seed=1)
-    params = augment.sample_photometric(SEED, 4, cfg)
-    out = augment.apply_photometric(images, params, cfg).numpy()
+    layer = augment.RandomGrayscale(1.0)
     want = _np_gray(images.numpy())
-    for ch in range(3):
-        np.testing.assert_allclose(out[..., ch], want, atol=1e-6)
+    # The batched kernel (a batch) and the per-image kernel (one image), through keras-cv's call.
+    batched = layer({"images": images, "seed": SEED})["images"].numpy()
+    single = np.stack([layer({"images": x, "seed": SEED})["images"].numpy() for x in images])
+    for out in (batched, single):
+        for ch in range(3):
+            np.testing.assert_allclose(out[..., ch], want, atol=1e-6)
 
 
 def test_gaussian_blur_matches_scipy_and_each_image_gets_its_own_sigma():
@@ -199,15 +221,12 @@ def test_batched_crop_equals_crop_then_resize_and_flip_mirrors():
 
 
 def test_same_seed_same_views_eagerly_and_inside_tf_data():
-    cfg = _aug()
+    recipe = augment.TwoViewRecipe(_aug(), 24)
     images = tf.cast(tf.random.uniform((8, 40, 36, 3), maxval=256, seed=6), tf.uint8)
 
     def pipeline(batch):
-        win = augment.sample_crop_windows(SEED, 40, 36, 8)
-        flips = augment.sample_flips(SEED, 8)
-        views = augment.batch_crop_resize_flip(batch, win, flips, 24)
-        params = augment.sample_photometric(SEED, 8, cfg)
-        return augment.apply_photometric(views, params, cfg)
+        views = recipe.cpu_stage(batch, SEED)
+        return tf.cast(views, tf.float32) / 255.0
 
     eager = pipeline(images).numpy()
     graph = next(iter(tf.data.Dataset.from_tensors(images).map(pipeline))).numpy()
@@ -221,7 +240,7 @@ def test_same_seed_same_views_eagerly_and_inside_tf_data():
 
 
 def test_keras_cv_layer_draws_its_own_parameters():
-    layer = augment.PhotometricAugment(_aug(), seed=7)
+    layer = augment.ColorJitter(seed=7, prob=1.0)
     images = tf.random.uniform((4, 16, 16, 3), seed=8)
     out = layer(images)
     assert out.shape == images.shape
@@ -244,6 +263,11 @@ def _windows(height, width):
     ]
 
 
+def _banded_view(image, window, flip, size):
+    view = tf.transpose(augment.resize_crop(image, window, tf.constant(flip), size), (1, 0, 2))
+    return tf.cast(tf.round(view), tf.uint8).numpy()
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_banded_resize_equals_antialiased_crop_resize(flip):
     rng = np.random.default_rng(7)
@@ -251,7 +275,7 @@ def test_banded_resize_equals_antialiased_crop_resize(flip):
     for window in _windows(300, 260):
         window = tuple(tf.constant(v) for v in window)
         want = augment.crop_resize_flip(image, window, tf.constant(flip), 224).numpy()
-        got = augment.augment_view(image, window, tf.constant(flip), 224).numpy()
+        got = _banded_view(image, window, flip, 224)
         assert got.shape == (224, 224, 3) and got.dtype == np.uint8
         # Both round the same antialiased bilinear values to uint8: at most one level apart.
         assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1
@@ -259,7 +283,7 @@ def test_banded_resize_equals_antialiased_crop_resize(flip):
     window = tuple(tf.constant(v) for v in (10, 20, 200, 180))
     for size in (24, 33):
         want = augment.crop_resize_flip(image, window, tf.constant(flip), size).numpy()
-        got = augment.augment_view(image, window, tf.constant(flip), size).numpy()
+        got = _banded_view(image, window, flip, size)
         assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1
 
 
@@ -270,8 +294,7 @@ def test_banded_blur_equals_batched_blur_and_scipy():
     sigma = np.array([0.1, 1.0, 2.0], np.float32)
     batched = augment.gaussian_blur(tf.constant(images), tf.constant(sigma), radius=6).numpy()
     for i, s in enumerate(sigma):
-        planar = tf.transpose(tf.constant(images[i]), (2, 0, 1))
-        got = tf.transpose(augment.blur_planar(planar, tf.constant(s), 6), (1, 2, 0)).numpy()
+        got = augment.blur_image(tf.constant(images[i]), tf.constant(s), 6).numpy()
         np.testing.assert_allclose(got, batched[i], atol=1e-6)
         want = np.stack(
             [
@@ -296,31 +319,36 @@ def test_hue_shift_matches_colorsys_including_grey_and_wraparound():
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_per_image_photometric_equals_batched_photometric():
+def test_per_image_kernels_equal_batched_kernels():
     for overrides in ({}, {"hue": 0.0}, {"jitter_prob": 1.0, "grayscale_prob": 0.5}):
         cfg = _aug(**overrides)
         n = 24
         rng = np.random.default_rng(10)
-        images = rng.uniform(0, 1, (n, 19, 23, 3)).astype(np.float32)
-        params = augment.sample_photometric(tf.constant([11, 12], tf.int64), n, cfg)
-        want = augment.apply_photometric(tf.constant(images), params, cfg).numpy()
-        for i in range(n):
-            planar = tf.transpose(tf.constant(images[i]), (2, 0, 1))
-            row = {k: v[i] for k, v in params.items()}
-            got = augment.photometric_planar(planar, row, cfg)
-            np.testing.assert_allclose(tf.transpose(got, (1, 2, 0)).numpy(), want[i], atol=1e-5)
+        images = tf.constant(rng.uniform(0, 1, (n, 19, 23, 3)).astype(np.float32))
+        for layer in _photometric(cfg):
+            params = layer.sample(tf.constant([11, 12], tf.int64), n)
+            call = lambda x, p: layer({"images": x, "params": p})["images"].numpy()
+            want = call(images, params)  # a batch: the batched kernel
+            for i in range(n):  # a batch of one: the per-image kernel
+                row = {k: v[i : i + 1] for k, v in params.items()}
+                np.testing.assert_allclose(call(images[i : i + 1], row)[0], want[i], atol=1e-5)
+    # The crop: per image antialiased, batched plain bilinear; equal for enlarged crops.
+    crop = augment.RandomResizedCrop(32, rescale=1 / 255)
+    small = tf.cast(tf.random.uniform((6, 20, 20, 3), maxval=256, seed=3), tf.uint8)
+    params = crop.sample(SEED, 6, small)
+    want = crop({"images": small, "params": params})["images"].numpy()
+    for i in range(6):
+        row = {k: v[i : i + 1] for k, v in params.items()}
+        got = crop({"images": small[i : i + 1], "params": row})["images"].numpy()[0]
+        np.testing.assert_allclose(got, want[i], atol=1e-5)
 
 
 def test_per_image_view_same_eagerly_and_inside_tf_data():
-    cfg = _aug()
+    recipe = augment.TwoViewRecipe(_aug(), 48)
     image = tf.cast(tf.random.uniform((120, 90, 3), maxval=256, seed=13), tf.uint8)
 
     def view(i):
-        seed = augment.fold_seed(SEED, i)
-        y, x, h, w = augment.sample_crop_windows(seed, 120, 90, 1)
-        params = {k: v[0] for k, v in augment.sample_photometric(seed, 1, cfg).items()}
-        flip = augment.sample_flips(seed, 1)[0]
-        return augment.augment_view(image, (y[0], x[0], h[0], w[0]), flip, 48, params, cfg)
+        return recipe.cpu_stage(image, augment.fold_seed(SEED, i))
 
     eager = np.stack([view(tf.constant(i, tf.int64)).numpy() for i in range(6)])
     graph = np.stack(list(tf.data.Dataset.range(6).map(view).as_numpy_iterator()))
@@ -345,9 +373,12 @@ def test_file_pipeline_device_mode_matches_cpu_mode(tmp_path):
         batches[mode] = next(iter(data.pretrain_dataset(source, c.data, c.aug, 16, seed=3)))
     dev, cpu = batches["device"], batches["cpu"]
     assert set(dev) == {"view1", "view2", "params1", "params2"} and set(cpu) == {"view1", "view2"}
-    assert dev["params1"]["sigma"].shape == (16,) and dev["params1"]["order"].shape == (16, 4)
+    assert dev["params1"]["layer3"]["sigma"].shape == (16,)
+    assert dev["params1"]["layer1"]["order"].shape == (16, 4)
+    stage = augment.TwoViewRecipe(c.aug, 32, "device").device_stage()
     for v in ("1", "2"):
-        applied = augment.PhotometricAugment(c.aug).apply(dev["view" + v], dev["params" + v])
+        views = tf.cast(dev["view" + v], tf.float32) / 255.0
+        applied = stage(views, params=dev["params" + v])
         diff = np.abs(np.round(applied.numpy() * 255) - cpu["view" + v].numpy())
         # Same draws; device mode rounds the cropped view to uint8 before the colour ops, which
         # their factors (up to 1.4 each) may amplify by a level or two.
@@ -355,12 +386,15 @@ def test_file_pipeline_device_mode_matches_cpu_mode(tmp_path):
 
 
 def test_per_example_parameters_keep_the_recipe_distributions():
-    cfg = _aug()
+    recipe = augment.TwoViewRecipe(_aug(), 32, "device")
     base = tf.constant([0, 0x5157], tf.int64)
 
     def draw(i):
-        seed = augment.fold_seed(augment.fold_seed(base, 0, i), 11)
-        return augment.sample_photometric(seed, 2, cfg)
+        views = []
+        for v in (1, 2):  # as data.pretrain_dataset keys them: (seed, epoch, example), view
+            params = recipe.device_params(augment.fold_seed(augment.fold_seed(base, 0, i), v), 1)
+            views.append({k: t for layer in params.values() for k, t in layer.items()})
+        return {k: tf.concat([views[0][k], views[1][k]], 0) for k in views[0]}
 
     p = next(iter(tf.data.Dataset.range(5000).map(draw).batch(5000)))
     p = {k: v.numpy().reshape((10000,) + v.shape[2:]) for k, v in p.items()}

@@ -201,10 +201,9 @@ def _synthetic(config, batch: int):
         for v in (1, 2)
     }
     if config.data.photometric == "device":
+        recipe = augment.TwoViewRecipe(config.aug, size, "device")
         for v in (1, 2):
-            views[f"params{v}"] = augment.sample_photometric(
-                tf.constant([v, 1], tf.int64), batch, config.aug
-            )
+            views[f"params{v}"] = recipe.device_params(tf.constant([v, 1], tf.int64), batch)
     return tf.data.Dataset.from_tensors(views).repeat()
 
 
