@@ -699,6 +699,13 @@ def _layer_class(name: str):
     return None
 
 
+def _is_dotted_name(node) -> bool:
+    """Name or module.Name."""
+    if isinstance(node, ast.Attribute):
+        return isinstance(node.value, ast.Name)
+    return isinstance(node, ast.Name)
+
+
 def parse_layers(spec: str, key: str) -> list:
     """(text, layer) pairs from "Name(arg, key=value); Name(...)". Arguments are Python literals,
     parsed and never evaluated as code. Raises ConfigError, naming `key`, for an unknown name
@@ -711,7 +718,7 @@ def parse_layers(spec: str, key: str) -> list:
             node = None
         if isinstance(node, (ast.Name, ast.Attribute)):
             node = ast.Call(func=node, args=[], keywords=[])
-        if not isinstance(node, ast.Call) or not isinstance(node.func, (ast.Name, ast.Attribute)):
+        if not isinstance(node, ast.Call) or not _is_dotted_name(node.func):
             raise ConfigError(
                 f"config.{key}: {text!r} is not a layer call such as "
                 "RandomSharpness(factor=0.5, value_range=(0, 1))"

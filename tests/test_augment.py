@@ -1,14 +1,21 @@
 """The augmentations keep torchvision's distributions and semantics (the official recipe)."""
 
+import collections
 import colorsys
+import functools
 import math
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from simsiam_tf import augment
-from simsiam_tf.config import default_config
+from simsiam_tf.config import default_config, validate
+from simsiam_tf.errors import ConfigError
 
 SEED = tf.constant([1, 2], tf.int64)
 
@@ -327,7 +334,7 @@ def test_per_image_kernels_equal_batched_kernels():
         images = tf.constant(rng.uniform(0, 1, (n, 19, 23, 3)).astype(np.float32))
         for layer in _photometric(cfg):
             params = layer.sample(tf.constant([11, 12], tf.int64), n)
-            call = lambda x, p: layer({"images": x, "params": p})["images"].numpy()
+            call = lambda x, p, layer=layer: layer({"images": x, "params": p})["images"].numpy()
             want = call(images, params)  # a batch: the batched kernel
             for i in range(n):  # a batch of one: the per-image kernel
                 row = {k: v[i : i + 1] for k, v in params.items()}
@@ -407,3 +414,187 @@ def test_per_example_parameters_keep_the_recipe_distributions():
     # The two views of one image draw independently.
     assert 0.0 < np.mean(p["jitter"][0::2] != p["jitter"][1::2]) < 0.5
     assert abs(np.corrcoef(p["sigma"][0::2], p["sigma"][1::2])[0, 1]) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe is keras-cv layers; users name more in the config.
+
+
+def test_recipe_layers_are_keras_cv_layers_that_serialize():
+    recipe = augment.TwoViewRecipe(_aug(), 224)
+    names = [type(layer).__name__ for layer in recipe.layers]
+    assert names == [
+        "RandomResizedCrop",
+        "ColorJitter",
+        "RandomGrayscale",
+        "GaussianBlur",
+        "HorizontalFlip",
+    ]
+    for layer in recipe.layers:
+        assert isinstance(layer, augment.keras_cv.layers.VectorizedBaseImageAugmentationLayer)
+        config = layer.get_config()
+        assert type(layer).from_config(config).get_config() == config
+    assert "ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8)" in (
+        recipe.description
+    )
+    # Probability 0 leaves an op out (the CIFAR recipe has no blur).
+    assert "GaussianBlur" not in augment.TwoViewRecipe(_aug(blur_prob=0.0), 32).description
+
+
+def test_extra_and_replacement_layers_are_parsed_never_evaluated():
+    layers = augment.parse_layers(
+        "RandomSharpness(factor=0.5, value_range=(0, 1)); keras.RandomContrast(0.2);"
+        " HorizontalFlip(prob=1.0)",
+        "aug.extra",
+    )
+    assert [type(layer).__name__ for _, layer in layers] == [
+        "RandomSharpness",
+        "RandomContrast",
+        "HorizontalFlip",
+    ]
+    assert isinstance(layers[0][1], augment.keras_cv.layers.RandomSharpness)
+    assert isinstance(layers[1][1], augment.keras.layers.RandomContrast)
+    for spec, message in (
+        ("NoSuchLayer(1)", "no layer 'NoSuchLayer'"),
+        ("RandomSharpness(factor=open('/etc/passwd'), value_range=(0, 1))", "literals"),
+        ("RandomSharpness(factor=0.5, value_range=(0, 1), colour=3)", "Unrecognized keyword"),
+        ("RandomResizedCrop(size=0)", "ValueError: size=0"),
+        ("RandomSharpness(", "is not a layer call"),
+        ("__import__('os').system('true')", "is not a layer call"),
+        ("ColorJitter(**{'hue': 0.1})", "literals"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)) as error:
+            augment.parse_layers(spec, "aug.extra")
+        assert "config.aug.extra" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_rejects_a_bad_layer_before_reading_data():
+    c = default_config()
+    c.aug.extra = "RandomSharpnes(factor=0.5)"
+    with pytest.raises(ConfigError, match="config.aug.extra: no layer 'RandomSharpnes'"):
+        validate(c)
+    c = default_config()
+    c.data.photometric = "device"
+    c.aug.recipe = "RandomSharpness(factor=0.5, value_range=(0, 1)); RandomResizedCrop(32)"
+    with pytest.raises(ConfigError, match="needs a recipe that starts with RandomResizedCrop"):
+        validate(c)
+    c.aug.recipe = "RandomResizedCrop(32); RandomSharpness(factor=0.5, value_range=(0, 1));"
+    c.aug.recipe += " HorizontalFlip()"
+    with pytest.raises(ConfigError, match="put stock layers after the flip"):
+        validate(c)
+    c.aug.recipe = "RandomResizedCrop(32, rescale=1/255)"
+    with pytest.raises(ConfigError, match="literals"):
+        validate(c)
+    c.aug.recipe = (
+        "RandomResizedCrop(32, rescale=0.00392156862745098); ColorJitter(); HorizontalFlip()"
+    )
+    validate(c)
+
+
+def test_replaced_recipe_runs_in_the_pipeline():
+    from simsiam_tf import data
+
+    c = default_config()
+    c.data.image_size = 16
+    c.aug.recipe = (
+        "RandomResizedCrop(16, scale=(0.5, 1.0), rescale=0.00392156862745098);"
+        " RandomColorDegeneration(0.5); HorizontalFlip()"
+    )
+    source = data.load_source("builtin:digits")
+    batch = next(iter(data.pretrain_dataset(source, c.data, c.aug, 32, seed=0)))
+    assert batch["view1"].shape == (32, 16, 16, 3) and batch["view1"].dtype == tf.uint8
+    assert not np.array_equal(batch["view1"].numpy(), batch["view2"].numpy())
+
+
+# ------------------------------------------------------------------------------------------------
+# keras-cv's call path runs during training: its base classes' calls are counted.
+
+
+@pytest.fixture
+def keras_cv_calls(monkeypatch):
+    """Counts calls of keras-cv's image-augmentation base classes' `call`, by layer class."""
+    counts = collections.Counter()
+    layers = augment.keras_cv.layers
+    for base in (layers.VectorizedBaseImageAugmentationLayer, layers.BaseImageAugmentationLayer):
+
+        def wrap(original):
+            @functools.wraps(original)
+            def call(self, *args, **kwargs):
+                counts[type(self).__name__] += 1
+                return original(self, *args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(base, "call", wrap(base.call))
+    return counts
+
+
+def _tiny_run_config(source, photometric="cpu", extra=""):
+    from tests.helpers import tiny_config
+
+    c = tiny_config()
+    c.data.source = source
+    c.data.image_size = 16
+    c.data.photometric = photometric
+    c.aug.extra = extra
+    c.optim.batch_size = 32
+    c.optim.epochs = 1
+    c.train.steps_per_epoch = 2
+    c.train.verbose = 0
+    c.eval.random_init_knn = False
+    c.eval.max_bank = 64
+    c.eval.max_queries = 32
+    return c
+
+
+RECIPE_CALLED = {"RandomResizedCrop", "ColorJitter", "RandomGrayscale", "HorizontalFlip"}
+
+
+@pytest.mark.parametrize(
+    "kind,photometric,extra",
+    [
+        ("folder", "cpu", ""),
+        ("builtin", "cpu", "RandomSharpness(factor=0.5, value_range=(0, 1))"),
+        ("builtin", "device", "RandomSharpness(factor=0.5, value_range=(0, 1))"),
+    ],
+)
+def test_training_runs_the_recipe_through_keras_cv(
+    tmp_path, keras_cv_calls, kind, photometric, extra
+):
+    from simsiam_tf import train
+    from tests.conftest import write_images
+
+    source = "builtin:digits"
+    if kind == "folder":
+        write_images(tmp_path / "images", 64, size=(40, 30), ext=".jpg")
+        source = f"folder:{tmp_path / 'images'}"
+    summary = train.train(_tiny_run_config(source, photometric, extra), str(tmp_path / "run"))
+    assert np.isfinite(summary["loss_last"])
+    assert RECIPE_CALLED <= set(keras_cv_calls), keras_cv_calls
+    if extra:
+        assert keras_cv_calls["RandomSharpness"] > 0
+    # The view grid went to TensorBoard at the start.
+    assert os.listdir(tmp_path / "run" / "tb" / "views")
+
+
+def test_show_views_writes_the_picture(tmp_path):
+    from simsiam_tf import plots
+    from tests.conftest import REPO
+
+    out = tmp_path / "views.png"
+    cmd = [
+        sys.executable,
+        "tools/show_views.py",
+        "--config=configs/quickstart.py",
+        f"--out={out}",
+        "--n=3",
+        "--config.aug.extra=RandomSharpness(factor=0.5, value_range=(0, 1))",
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    width, height = plots.read_png_size(str(out))
+    assert height > width > 200  # 3 rows of (image, view 1, view 2)
+    bad = cmd[:3] + [f"--out={out}", "--config.aug.extra=Sharpness(0.5)"]
+    proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "config.aug.extra: no layer 'Sharpness'" in proc.stderr
