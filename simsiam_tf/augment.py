@@ -467,6 +467,9 @@ class RecipeLayer(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
     geometric = False
 
     def __init__(self, seed=None, **kwargs):
+        # float32 whatever the global (mixed) precision policy: the kernels and the parameters
+        # are float32, and colour ops in float16 would be coarser than the uint8 views.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(seed=seed, **kwargs)
         self._call_inputs = threading.local()
 
@@ -868,9 +871,15 @@ class DeviceAugment(keras.layers.Layer):
     Images float in [0, 1]."""
 
     def __init__(self, indexed_layers, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # as the recipe's layers, whatever the policy
         super().__init__(**kwargs)
         self.keys = [f"layer{i}" for i, _ in indexed_layers]
         self.stages = [layer for _, layer in indexed_layers]
+        # Augmentation layers have no weights: built as made, so that Keras does not try to
+        # build the model from a sample batch (which it reduces over replicas, and cannot for
+        # the boolean parameters).
+        for layer in self.stages + [self]:
+            layer.built = True
 
     def call(self, images, params):
         for key, layer in zip(self.keys, self.stages):

@@ -598,3 +598,16 @@ def test_show_views_writes_the_picture(tmp_path):
     bad = cmd[:3] + [f"--out={out}", "--config.aug.extra=Sharpness(0.5)"]
     proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode != 0 and "config.aug.extra: no layer 'Sharpness'" in proc.stderr
+
+
+def test_device_stage_with_a_stock_layer_trains_on_two_replicas(two_replicas, keras_cv_calls):
+    from simsiam_tf import data, train
+
+    extra = "RandomSharpness(factor=0.5, value_range=(0, 1))"
+    c = _tiny_run_config("builtin:digits", "device", extra)
+    net, _ = train.build_model_and_optimizer(c, 2, two_replicas)
+    source = data.load_source("builtin:digits")
+    batches = data.pretrain_dataset(source, c.data, c.aug, 32, seed=0, num_epochs=1)
+    history = net.fit(batches, epochs=1, steps_per_epoch=2, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert keras_cv_calls["ColorJitter"] > 0 and keras_cv_calls["RandomSharpness"] > 0
