@@ -709,10 +709,32 @@ def _is_dotted_name(node) -> bool:
     return isinstance(node, ast.Name)
 
 
+_ARITHMETIC = {ast.Add: float.__add__, ast.Sub: float.__sub__, ast.Mult: float.__mul__}
+_ARITHMETIC[ast.Div] = float.__truediv__
+
+
+def _literal(node):
+    """A Python literal (ast.literal_eval), in which numbers may also be written as arithmetic
+    of numbers, such as 1/255; nothing is evaluated as code."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        left, right = _literal(node.left), _literal(node.right)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, right)):
+            raise ValueError(f"arithmetic of non-numbers: {ast.unparse(node)}")
+        return _ARITHMETIC[type(node.op)](float(left), float(right))
+    if isinstance(node, (ast.Tuple, ast.List)):
+        values = [_literal(e) for e in node.elts]
+        return tuple(values) if isinstance(node, ast.Tuple) else values
+    return ast.literal_eval(node)
+
+
 def parse_layers(spec: str, key: str) -> list:
-    """(text, layer) pairs from "Name(arg, key=value); Name(...)". Arguments are Python literals,
-    parsed and never evaluated as code. Raises ConfigError, naming `key`, for an unknown name
-    or a bad argument."""
+    """(text, layer) pairs from "Name(arg, key=value); Name(...)". Arguments are Python literals
+    (numbers also as arithmetic such as 1/255), parsed and never evaluated as code. Raises
+    ConfigError, naming `key`, for an unknown name or a bad argument.
+
+    A recipe (`aug.recipe`) takes the decoded uint8 image and must make image_size views in
+    [0, 1]: begin it with RandomResizedCrop(SIZE, rescale=1/255), or with stock layers that crop
+    and resize, then keras.Rescaling(1/255)."""
     layers = []
     for text in filter(None, (part.strip() for part in spec.split(";"))):
         try:
@@ -736,12 +758,12 @@ def parse_layers(spec: str, key: str) -> list:
         try:
             if any(k.arg is None for k in node.keywords):
                 raise ValueError("**kwargs are not supported")
-            args = [ast.literal_eval(a) for a in node.args]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            args = [_literal(a) for a in node.args]
+            kwargs = {k.arg: _literal(k.value) for k in node.keywords}
         except ValueError as e:
             raise ConfigError(
-                f"config.{key}: {text!r}: arguments must be literals (numbers, strings, tuples, "
-                f"lists, dicts, True, False, None): {e}"
+                f"config.{key}: {text!r}: arguments must be literals (numbers or arithmetic of "
+                f"numbers, strings, tuples, lists, dicts, True, False, None): {e}"
             ) from None
         try:
             layer = cls(*args, **kwargs)

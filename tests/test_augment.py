@@ -462,6 +462,7 @@ def test_extra_and_replacement_layers_are_parsed_never_evaluated():
         ("RandomSharpness(", "is not a layer call"),
         ("__import__('os').system('true')", "is not a layer call"),
         ("ColorJitter(**{'hue': 0.1})", "literals"),
+        ("ColorJitter(hue='a' * 3)", "arithmetic of non-numbers"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)) as error:
             augment.parse_layers(spec, "aug.extra")
@@ -482,13 +483,12 @@ def test_config_rejects_a_bad_layer_before_reading_data():
     c.aug.recipe += " HorizontalFlip()"
     with pytest.raises(ConfigError, match="put stock layers after the flip"):
         validate(c)
-    c.aug.recipe = "RandomResizedCrop(32, rescale=1/255)"
+    c.aug.recipe = "RandomResizedCrop(32, rescale=scale)"
     with pytest.raises(ConfigError, match="literals"):
         validate(c)
-    c.aug.recipe = (
-        "RandomResizedCrop(32, rescale=0.00392156862745098); ColorJitter(); HorizontalFlip()"
-    )
+    c.aug.recipe = "RandomResizedCrop(32, rescale=1/255); ColorJitter(); HorizontalFlip()"
     validate(c)
+    assert augment.parse_layers(c.aug.recipe, "aug.recipe")[0][1].rescale == 1 / 255
 
 
 def test_replaced_recipe_runs_in_the_pipeline():
@@ -497,7 +497,7 @@ def test_replaced_recipe_runs_in_the_pipeline():
     c = default_config()
     c.data.image_size = 16
     c.aug.recipe = (
-        "RandomResizedCrop(16, scale=(0.5, 1.0), rescale=0.00392156862745098);"
+        "RandomResizedCrop(16, scale=(0.5, 1.0), rescale=1/255);"
         " RandomColorDegeneration(0.5); HorizontalFlip()"
     )
     source = data.load_source("builtin:digits")
