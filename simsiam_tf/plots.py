@@ -251,7 +251,7 @@ def log_views(logdir: str, source, config, n: int = 8) -> None:
 
     views = data.preview_views(source, config, n)
     recipe = augment.TwoViewRecipe(config.aug, config.data.image_size, config.data.photometric)
-    title = views_title(recipe.description, source.name)
+    title = views_title(recipe.description, f"{source.name} ({config.data.photometric} mode)")
     png = views_grid(views["image"], views["view1"], views["view2"], title)
     with tf.summary.create_file_writer(os.path.join(logdir, "views")).as_default():
         tf.summary.image("augmented_views", tf.image.decode_png(png)[None], step=0)

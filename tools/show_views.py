@@ -44,7 +44,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     views = data.preview_views(source, config, _N.value)
     recipe = augment.TwoViewRecipe(config.aug, d.image_size, d.photometric)
-    title = plots.views_title(recipe.description, source.name)
+    title = plots.views_title(recipe.description, f"{source.name} ({d.photometric} mode)")
     plots.views_grid(views["image"], views["view1"], views["view2"], title, _OUT.value)
     logging.info("wrote %s: %d images and their views", _OUT.value, len(views["image"]))
 
