@@ -26,10 +26,11 @@ Every random number is drawn per image, per view, from stateless ops keyed by an
   * a run is reproducible and resumable mid-epoch: same seed, same views.
 
 Users append stock keras-cv (or Keras) layers with `aug.extra`, or replace the recipe with
-`aug.recipe` (`parse_layers`). Those draw from their own random state (a tf.random.Generator),
-which is neither keyed by the example nor saved in checkpoints, and which tf.data's parallel
-map calls in no fixed order: their draws are not reproducible, and a resumed run draws them
-afresh. The recipe's own layers stay exact.
+`aug.recipe` (`parse_layers`); in device mode they run in the train step after the recipe's
+colour layers. Stock layers draw from their own random state (keras-cv's tf.random.Generator,
+Keras' SeedGenerator), which is neither keyed by the example nor saved in checkpoints, and which
+tf.data's parallel map advances in no fixed order: their draws are not reproducible, and a
+resumed run draws them afresh. The recipe's own layers stay exact.
 
 The semantics follow torchvision (which the official code uses) operation by operation:
 colour-jitter factors drawn uniformly in [1 - s, 1 + s] (hue in [-h, h]), the four jitter ops in
