@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from simsiam_tf import data, model
+from simsiam_tf import augment, data, model
 from simsiam_tf.errors import ConfigError
 
 PHOTOMETRIC = ("cpu", "device")
@@ -69,6 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
         grayscale_prob=0.2,
         blur_prob=0.0,
         blur_sigma=(0.1, 2.0),
+        # Layers by name, ";"-separated, e.g. "RandomSharpness(factor=0.5, value_range=(0, 1))":
+        # `extra` runs after the recipe, `recipe` replaces it (see simsiam_tf/augment.py).
+        recipe="",
+        extra="",
     )
 
     c.optim = dict(
@@ -169,6 +173,7 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail("aug.hue", a.hue, "must be in [0, 0.5] (torchvision ColorJitter)")
     if not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
         _fail("aug.blur_sigma", a.blur_sigma, "needs 0 < min <= max")
+    augment.TwoViewRecipe(a, d.image_size, d.photometric)  # names, arguments, device split
     if o.batch_size < 1:
         _fail("optim.batch_size", o.batch_size, "must be a positive integer")
     if o.batch_size % num_replicas:

@@ -400,6 +400,7 @@ def pretrain_dataset(
     num_epochs: Optional[int] = None,
     steps_per_epoch: int = 0,
     start_batch: int = 0,
+    with_images: bool = False,
 ) -> tf.data.Dataset:
     """Global batches {"view1", "view2"} of uint8 views, epoch after epoch, from `start_epoch`.
 
@@ -412,7 +413,9 @@ def pretrain_dataset(
     costs one read of the epoch's first `start_batch` batches. With
     `data_config.photometric == "device"` the views are only cropped and flipped here and the
     batches also carry "params1"/"params2", the per-image photometric parameters that the train
-    step applies on the accelerator.
+    step applies on the accelerator (`augment.TwoViewRecipe`). `with_images` adds "image", each
+    source image fitted into image_size x image_size, to show beside its views
+    (tools/show_views.py).
     """
     steps = source.num_examples // global_batch
     if steps == 0:
@@ -425,38 +428,22 @@ def pretrain_dataset(
     size = data_config.image_size
     on_device = data_config.photometric == "device"
     base_seed = tf.constant([seed, 0x5157], tf.int64)
+    recipe = augment.TwoViewRecipe(aug_config, size, data_config.photometric)
 
-    def finish_batch(epoch, step, v1, v2):
-        s1 = augment.fold_seed(base_seed, epoch, step, 1)
-        s2 = augment.fold_seed(base_seed, epoch, step, 2)
-        p1 = augment.sample_photometric(s1, global_batch, aug_config)
-        p2 = augment.sample_photometric(s2, global_batch, aug_config)
-        if on_device:
-            return {"view1": v1, "view2": v2, "params1": p1, "params2": p2}
-        to_uint8 = lambda x: tf.cast(tf.round(x * 255.0), tf.uint8)
-        return {
-            "view1": to_uint8(augment.apply_photometric(v1, p1, aug_config)),
-            "view2": to_uint8(augment.apply_photometric(v2, p2, aug_config)),
-        }
-
-    def augment_pair(image, seed_):
-        """Both views of one decoded image, every random draw keyed by `seed_`: the finished
-        uint8 views, or (device mode) cropped and flipped views and their photometric params."""
-        h, w = tf.shape(image)[0], tf.shape(image)[1]
-        y, x, ch, cw = augment.sample_crop_windows(
-            seed_, h, w, 2, aug_config.crop_scale, aug_config.crop_ratio
-        )
-        flips = augment.sample_flips(augment.fold_seed(seed_, 7), 2, aug_config.flip_prob)
-        params = augment.sample_photometric(augment.fold_seed(seed_, 11), 2, aug_config)
-        per_view = [{k: v[i] for k, v in params.items()} for i in range(2)]
+    def two_views(images, seed_, n):
+        """Both views of an image (n=1: one decoded image) or of a batch of n images, each view
+        keyed by (seed_, view): the finished uint8 views, or (device mode) the CPU stage's views
+        and the per-image parameters of the device stage."""
         out = {}
-        for i in range(2):
-            window = (y[i], x[i], ch[i], cw[i])
-            out[f"view{i + 1}"] = augment.augment_view(
-                image, window, flips[i], size, None if on_device else per_view[i], aug_config
-            )
+        for v in (1, 2):
+            view_seed = augment.fold_seed(seed_, v)
+            out[f"view{v}"] = recipe.cpu_stage(images, view_seed)
             if on_device:
-                out[f"params{i + 1}"] = per_view[i]
+                params = recipe.device_params(view_seed, n)
+                first = lambda t: t[0]  # one image: scalars, which tf.data batches
+                out[f"params{v}"] = tf.nest.map_structure(first, params) if n == 1 else params
+        if with_images:
+            out["image"] = _thumbnail(images, size)
         return out
 
     def skip_in(epoch):
@@ -465,7 +452,6 @@ def pretrain_dataset(
 
     if source.in_memory:
         images = tf.constant(source.images)
-        height, width = source.images.shape[1:3]
 
         def epoch_dataset(epoch):
             order = tf.random.experimental.stateless_shuffle(
@@ -474,18 +460,8 @@ def pretrain_dataset(
             batches = tf.reshape(order[: steps * global_batch], (steps, global_batch))
 
             def make(step, idx):
-                batch = tf.gather(images, idx)
-                views = []
-                for v in (1, 2):
-                    s = augment.fold_seed(base_seed, epoch, step, v, 3)
-                    win = augment.sample_crop_windows(
-                        s, height, width, global_batch, aug_config.crop_scale, aug_config.crop_ratio
-                    )
-                    flips = augment.sample_flips(
-                        augment.fold_seed(s, 7), global_batch, aug_config.flip_prob
-                    )
-                    views.append(augment.batch_crop_resize_flip(batch, win, flips, size))
-                return finish_batch(epoch, step, views[0], views[1])
+                seed_ = augment.fold_seed(base_seed, epoch, step)
+                return two_views(tf.gather(images, idx), seed_, global_batch)
 
             return (
                 tf.data.Dataset.from_tensor_slices(batches)
@@ -530,8 +506,8 @@ def pretrain_dataset(
             # Each example is finished on its own (decode, both views, photometric on the CPU):
             # its working set stays in cache and tf.data spreads examples over the threads.
             ds = ds.map(
-                lambda i, encoded_image: augment_pair(
-                    decode_rgb(encoded_image), augment.fold_seed(base_seed, epoch, i)
+                lambda i, encoded_image: two_views(
+                    decode_rgb(encoded_image), augment.fold_seed(base_seed, epoch, i), 1
                 ),
                 num_parallel_calls=AUTOTUNE,
             )
@@ -540,6 +516,33 @@ def pretrain_dataset(
     epochs = tf.data.Dataset.range(start_epoch, start_epoch + num_epochs if num_epochs else 2**62)
     ds = epochs.flat_map(epoch_dataset)
     return ds.prefetch(AUTOTUNE).with_options(_options(data_config.threads))
+
+
+def preview_views(source: Source, config, n: int) -> dict:
+    """The first n images of the first training batch and their two views, as training makes
+    them (the same pipeline; in device mode the train step's stage is applied too): uint8 numpy
+    arrays "image" (fitted into image_size), "view1", "view2"."""
+    d = config.data
+    batch_size = min(config.optim.batch_size, source.num_examples)
+    batches = pretrain_dataset(
+        source, d, config.aug, batch_size, config.seed, 0, 1, 1, with_images=True
+    )
+    batch = next(iter(batches))
+    stage = augment.TwoViewRecipe(config.aug, d.image_size, d.photometric).device_stage()
+    out = {"image": batch["image"][:n].numpy()}
+    for v in ("view1", "view2"):
+        views = batch[v][:n]
+        if stage is not None:
+            params = tf.nest.map_structure(lambda t: t[:n], batch[v.replace("view", "params")])
+            views = augment.to_uint8(stage(tf.cast(views, tf.float32) / 255.0, params=params))
+        out[v] = views.numpy()
+    return out
+
+
+def _thumbnail(images, size: int):
+    """uint8 image(s) fitted into size x size, aspect kept, padded with black."""
+    fitted = tf.image.resize_with_pad(tf.cast(images, tf.float32), size, size, antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(fitted), 0.0, 255.0), tf.uint8)
 
 
 # ------------------------------------------------------------------------------------------------

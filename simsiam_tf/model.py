@@ -280,8 +280,8 @@ class SimSiam(keras.Model):
             x1 = tf.cast(x1, tf.float32) / 255.0
             x2 = tf.cast(x2, tf.float32) / 255.0
         if self.augmenter is not None:
-            x1 = self.augmenter.apply(x1, data["params1"])
-            x2 = self.augmenter.apply(x2, data["params2"])
+            x1 = self.augmenter(x1, params=data["params1"])
+            x2 = self.augmenter(x2, params=data["params2"])
         return x1, x2
 
     def compute_simsiam_loss(self, data, training=True):

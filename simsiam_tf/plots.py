@@ -7,7 +7,9 @@ no global pyplot state, safe in tests and on servers.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -299,6 +301,64 @@ def retrieval_figure(
     if title:
         fig.suptitle(title, fontsize=9, wrap=True)
     return fig
+
+
+def views_grid(images, view1, view2, title: str = "", path: Optional[str] = None) -> bytes:
+    """A PNG of augmented view pairs: one row per image, the image then its two views.
+
+    images, view1, view2: N x H x W x 3 uint8. Returns the PNG bytes; also writes `path`.
+    """
+    images, view1, view2 = (np.asarray(a) for a in (images, view1, view2))
+    n = len(images)
+    cell = 1.6
+    fig = _figure(3 * cell + 0.2, n * cell + (0.2 + 0.17 * title.count("\n") if title else 0.2))
+    axes = np.asarray(fig.subplots(n, 3, squeeze=False))
+    for i in range(n):
+        for j, (image, name) in enumerate(
+            ((images[i], "image"), (view1[i], "view 1"), (view2[i], "view 2"))
+        ):
+            ax = axes[i, j]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=6)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    png = buffer.getvalue()
+    if path:
+        with open(path, "wb") as f:
+            f.write(png)
+    return png
+
+
+def views_title(recipe_description: str, source_name: str, width: int = 110) -> str:
+    """The recipe, wrapped at its ";" separators, under the source's name."""
+    lines, line = [], ""
+    for part in recipe_description.split("; "):
+        if line and len(line) + len(part) + 2 > width:
+            lines.append(line + ";")
+            line = part
+        else:
+            line = f"{line}; {part}" if line else part
+    return "\n".join([f"views of {source_name}"] + lines + [line])
+
+
+def log_views(logdir: str, source, config, n: int = 8) -> None:
+    """The view-pair grid of `source` under `config` as a TensorBoard image (logdir/views)."""
+    import tensorflow as tf
+
+    from simsiam_tf import augment, data
+
+    views = data.preview_views(source, config, n)
+    recipe = augment.TwoViewRecipe(config.aug, config.data.image_size, config.data.photometric)
+    title = views_title(recipe.description, f"{source.name} ({config.data.photometric} mode)")
+    png = views_grid(views["image"], views["view1"], views["view2"], title)
+    with tf.summary.create_file_writer(os.path.join(logdir, "views")).as_default():
+        tf.summary.image("augmented_views", tf.image.decode_png(png)[None], step=0)
+        tf.summary.text("augmentation_recipe", recipe.description, step=0)
 
 
 def read_png_size(path: str) -> tuple:

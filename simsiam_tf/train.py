@@ -36,6 +36,7 @@ from simsiam_tf import (
     holdout,
     model,
     optim,
+    plots,
     quiet,
 )
 from simsiam_tf import config as config_lib
@@ -174,9 +175,8 @@ def build_model_and_optimizer(config, steps_per_epoch: int, strategy=None):
     """SimSiam and its optimizer, built under the strategy's scope."""
     strategy = strategy or tf.distribute.get_strategy()
     with strategy.scope():
-        augmenter = (
-            augment.PhotometricAugment(config.aug) if config.data.photometric == "device" else None
-        )
+        recipe = augment.TwoViewRecipe(config.aug, config.data.image_size, config.data.photometric)
+        augmenter = recipe.device_stage()
         net = model.build_simsiam(config.model, augmenter)
         size = config.data.image_size
         net(tf.zeros((1, size, size, 3)))  # builds every layer before fit
@@ -269,6 +269,10 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
     evaluator = callbacks.make_knn_evaluator(config, workdir, source) if workers == 1 else None
     if workers > 1:
         logging.info("%d workers: no kNN during training; run tools/eval_knn.py after", workers)
+
+    if checkpointer.step == 0 and distribute.is_chief(strategy):
+        # The augmented views, the first thing to look at when a run collapses.
+        plots.log_views(os.path.join(workdir, "tb"), source, config)
 
     random_init_path = os.path.join(workdir, "random_init.json")
     if evaluator and config.eval.random_init_knn and not os.path.exists(random_init_path):

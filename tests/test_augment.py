@@ -1,14 +1,21 @@
 """The augmentations keep torchvision's distributions and semantics (the official recipe)."""
 
+import collections
 import colorsys
+import functools
 import math
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from simsiam_tf import augment
-from simsiam_tf.config import default_config
+from simsiam_tf.config import default_config, validate
+from simsiam_tf.errors import ConfigError
 
 SEED = tf.constant([1, 2], tf.int64)
 
@@ -19,6 +26,24 @@ def _aug(**overrides):
     for k, v in overrides.items():
         c[k] = v
     return c
+
+
+def _photometric(cfg):
+    """The recipe's colour layers for the aug config `cfg`."""
+    return (
+        augment.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, cfg.jitter_prob),
+        augment.RandomGrayscale(cfg.grayscale_prob),
+        augment.GaussianBlur(cfg.blur_prob, cfg.blur_sigma),
+    )
+
+
+def _sample_photometric(seed, n, cfg):
+    """Every colour parameter of n images, one dict."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    params = {}
+    for s, layer in zip(seeds, _photometric(cfg)):
+        params.update(layer.sample(s, n))
+    return params
 
 
 def _torchvision_crop_params(rng, height, width, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -78,7 +103,7 @@ def test_crop_fallback_is_centre_crop_with_clamped_ratio():
 def test_photometric_parameter_distributions():
     cfg = _aug()
     n = 40000
-    p = {k: v.numpy() for k, v in augment.sample_photometric(SEED, n, cfg).items()}
+    p = {k: v.numpy() for k, v in _sample_photometric(SEED, n, cfg).items()}
     assert p["jitter"].mean() == pytest.approx(0.8, abs=0.01)
     assert p["grayscale"].mean() == pytest.approx(0.2, abs=0.01)
     assert p["blur"].mean() == pytest.approx(0.5, abs=0.01)
@@ -135,7 +160,9 @@ def test_color_jitter_matches_torchvision_semantics_per_image():
     n = 12
     rng = np.random.default_rng(3)
     images = rng.uniform(0, 1, (n, 6, 5, 3)).astype(np.float32)
-    params = augment.sample_photometric(tf.constant([5, 6], tf.int64), n, cfg)
+    params = augment.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue).sample(
+        tf.constant([5, 6], tf.int64), n
+    )
     params["jitter"] = tf.constant([True] * (n - 2) + [False] * 2)
     out = augment.color_jitter(tf.constant(images), params).numpy()
     p = {k: v.numpy() for k, v in params.items()}
@@ -155,13 +182,15 @@ def test_color_jitter_matches_torchvision_semantics_per_image():
 
 
 def test_grayscale_uses_itu_601_luma_and_gives_equal_channels():
-    cfg = _aug(jitter_prob=0.0, blur_prob=0.0, grayscale_prob=1.0)
     images = tf.random.uniform((4, 8, 8, 3), seed=1)
-    params = augment.sample_photometric(SEED, 4, cfg)
-    out = augment.apply_photometric(images, params, cfg).numpy()
+    layer = augment.RandomGrayscale(1.0)
     want = _np_gray(images.numpy())
-    for ch in range(3):
-        np.testing.assert_allclose(out[..., ch], want, atol=1e-6)
+    # The batched kernel (a batch) and the per-image kernel (one image), through keras-cv's call.
+    batched = layer({"images": images, "seed": SEED})["images"].numpy()
+    single = np.stack([layer({"images": x, "seed": SEED})["images"].numpy() for x in images])
+    for out in (batched, single):
+        for ch in range(3):
+            np.testing.assert_allclose(out[..., ch], want, atol=1e-6)
 
 
 def test_gaussian_blur_matches_scipy_and_each_image_gets_its_own_sigma():
@@ -199,15 +228,12 @@ def test_batched_crop_equals_crop_then_resize_and_flip_mirrors():
 
 
 def test_same_seed_same_views_eagerly_and_inside_tf_data():
-    cfg = _aug()
+    recipe = augment.TwoViewRecipe(_aug(), 24)
     images = tf.cast(tf.random.uniform((8, 40, 36, 3), maxval=256, seed=6), tf.uint8)
 
     def pipeline(batch):
-        win = augment.sample_crop_windows(SEED, 40, 36, 8)
-        flips = augment.sample_flips(SEED, 8)
-        views = augment.batch_crop_resize_flip(batch, win, flips, 24)
-        params = augment.sample_photometric(SEED, 8, cfg)
-        return augment.apply_photometric(views, params, cfg)
+        views = recipe.cpu_stage(batch, SEED)
+        return tf.cast(views, tf.float32) / 255.0
 
     eager = pipeline(images).numpy()
     graph = next(iter(tf.data.Dataset.from_tensors(images).map(pipeline))).numpy()
@@ -221,7 +247,7 @@ def test_same_seed_same_views_eagerly_and_inside_tf_data():
 
 
 def test_keras_cv_layer_draws_its_own_parameters():
-    layer = augment.PhotometricAugment(_aug(), seed=7)
+    layer = augment.ColorJitter(seed=7, prob=1.0)
     images = tf.random.uniform((4, 16, 16, 3), seed=8)
     out = layer(images)
     assert out.shape == images.shape
@@ -244,6 +270,11 @@ def _windows(height, width):
     ]
 
 
+def _banded_view(image, window, flip, size):
+    view = tf.transpose(augment.resize_crop(image, window, tf.constant(flip), size), (1, 0, 2))
+    return tf.cast(tf.round(view), tf.uint8).numpy()
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_banded_resize_equals_antialiased_crop_resize(flip):
     rng = np.random.default_rng(7)
@@ -251,7 +282,7 @@ def test_banded_resize_equals_antialiased_crop_resize(flip):
     for window in _windows(300, 260):
         window = tuple(tf.constant(v) for v in window)
         want = augment.crop_resize_flip(image, window, tf.constant(flip), 224).numpy()
-        got = augment.augment_view(image, window, tf.constant(flip), 224).numpy()
+        got = _banded_view(image, window, flip, 224)
         assert got.shape == (224, 224, 3) and got.dtype == np.uint8
         # Both round the same antialiased bilinear values to uint8: at most one level apart.
         assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1
@@ -259,7 +290,7 @@ def test_banded_resize_equals_antialiased_crop_resize(flip):
     window = tuple(tf.constant(v) for v in (10, 20, 200, 180))
     for size in (24, 33):
         want = augment.crop_resize_flip(image, window, tf.constant(flip), size).numpy()
-        got = augment.augment_view(image, window, tf.constant(flip), size).numpy()
+        got = _banded_view(image, window, flip, size)
         assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1
 
 
@@ -270,8 +301,7 @@ def test_banded_blur_equals_batched_blur_and_scipy():
     sigma = np.array([0.1, 1.0, 2.0], np.float32)
     batched = augment.gaussian_blur(tf.constant(images), tf.constant(sigma), radius=6).numpy()
     for i, s in enumerate(sigma):
-        planar = tf.transpose(tf.constant(images[i]), (2, 0, 1))
-        got = tf.transpose(augment.blur_planar(planar, tf.constant(s), 6), (1, 2, 0)).numpy()
+        got = augment.blur_image(tf.constant(images[i]), tf.constant(s), 6).numpy()
         np.testing.assert_allclose(got, batched[i], atol=1e-6)
         want = np.stack(
             [
@@ -296,31 +326,36 @@ def test_hue_shift_matches_colorsys_including_grey_and_wraparound():
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_per_image_photometric_equals_batched_photometric():
+def test_per_image_kernels_equal_batched_kernels():
     for overrides in ({}, {"hue": 0.0}, {"jitter_prob": 1.0, "grayscale_prob": 0.5}):
         cfg = _aug(**overrides)
         n = 24
         rng = np.random.default_rng(10)
-        images = rng.uniform(0, 1, (n, 19, 23, 3)).astype(np.float32)
-        params = augment.sample_photometric(tf.constant([11, 12], tf.int64), n, cfg)
-        want = augment.apply_photometric(tf.constant(images), params, cfg).numpy()
-        for i in range(n):
-            planar = tf.transpose(tf.constant(images[i]), (2, 0, 1))
-            row = {k: v[i] for k, v in params.items()}
-            got = augment.photometric_planar(planar, row, cfg)
-            np.testing.assert_allclose(tf.transpose(got, (1, 2, 0)).numpy(), want[i], atol=1e-5)
+        images = tf.constant(rng.uniform(0, 1, (n, 19, 23, 3)).astype(np.float32))
+        for layer in _photometric(cfg):
+            params = layer.sample(tf.constant([11, 12], tf.int64), n)
+            call = lambda x, p, layer=layer: layer({"images": x, "params": p})["images"].numpy()
+            want = call(images, params)  # a batch: the batched kernel
+            for i in range(n):  # a batch of one: the per-image kernel
+                row = {k: v[i : i + 1] for k, v in params.items()}
+                np.testing.assert_allclose(call(images[i : i + 1], row)[0], want[i], atol=1e-5)
+    # The crop: per image antialiased, batched plain bilinear; equal for enlarged crops.
+    crop = augment.RandomResizedCrop(32, rescale=1 / 255)
+    small = tf.cast(tf.random.uniform((6, 20, 20, 3), maxval=256, seed=3), tf.uint8)
+    params = crop.sample(SEED, 6, small)
+    want = crop({"images": small, "params": params})["images"].numpy()
+    for i in range(6):
+        row = {k: v[i : i + 1] for k, v in params.items()}
+        got = crop({"images": small[i : i + 1], "params": row})["images"].numpy()[0]
+        np.testing.assert_allclose(got, want[i], atol=1e-5)
 
 
 def test_per_image_view_same_eagerly_and_inside_tf_data():
-    cfg = _aug()
+    recipe = augment.TwoViewRecipe(_aug(), 48)
     image = tf.cast(tf.random.uniform((120, 90, 3), maxval=256, seed=13), tf.uint8)
 
     def view(i):
-        seed = augment.fold_seed(SEED, i)
-        y, x, h, w = augment.sample_crop_windows(seed, 120, 90, 1)
-        params = {k: v[0] for k, v in augment.sample_photometric(seed, 1, cfg).items()}
-        flip = augment.sample_flips(seed, 1)[0]
-        return augment.augment_view(image, (y[0], x[0], h[0], w[0]), flip, 48, params, cfg)
+        return recipe.cpu_stage(image, augment.fold_seed(SEED, i))
 
     eager = np.stack([view(tf.constant(i, tf.int64)).numpy() for i in range(6)])
     graph = np.stack(list(tf.data.Dataset.range(6).map(view).as_numpy_iterator()))
@@ -345,9 +380,12 @@ def test_file_pipeline_device_mode_matches_cpu_mode(tmp_path):
         batches[mode] = next(iter(data.pretrain_dataset(source, c.data, c.aug, 16, seed=3)))
     dev, cpu = batches["device"], batches["cpu"]
     assert set(dev) == {"view1", "view2", "params1", "params2"} and set(cpu) == {"view1", "view2"}
-    assert dev["params1"]["sigma"].shape == (16,) and dev["params1"]["order"].shape == (16, 4)
+    assert dev["params1"]["layer3"]["sigma"].shape == (16,)
+    assert dev["params1"]["layer1"]["order"].shape == (16, 4)
+    stage = augment.TwoViewRecipe(c.aug, 32, "device").device_stage()
     for v in ("1", "2"):
-        applied = augment.PhotometricAugment(c.aug).apply(dev["view" + v], dev["params" + v])
+        views = tf.cast(dev["view" + v], tf.float32) / 255.0
+        applied = stage(views, params=dev["params" + v])
         diff = np.abs(np.round(applied.numpy() * 255) - cpu["view" + v].numpy())
         # Same draws; device mode rounds the cropped view to uint8 before the colour ops, which
         # their factors (up to 1.4 each) may amplify by a level or two.
@@ -355,12 +393,15 @@ def test_file_pipeline_device_mode_matches_cpu_mode(tmp_path):
 
 
 def test_per_example_parameters_keep_the_recipe_distributions():
-    cfg = _aug()
+    recipe = augment.TwoViewRecipe(_aug(), 32, "device")
     base = tf.constant([0, 0x5157], tf.int64)
 
     def draw(i):
-        seed = augment.fold_seed(augment.fold_seed(base, 0, i), 11)
-        return augment.sample_photometric(seed, 2, cfg)
+        views = []
+        for v in (1, 2):  # as data.pretrain_dataset keys them: (seed, epoch, example), view
+            params = recipe.device_params(augment.fold_seed(augment.fold_seed(base, 0, i), v), 1)
+            views.append({k: t for layer in params.values() for k, t in layer.items()})
+        return {k: tf.concat([views[0][k], views[1][k]], 0) for k in views[0]}
 
     p = next(iter(tf.data.Dataset.range(5000).map(draw).batch(5000)))
     p = {k: v.numpy().reshape((10000,) + v.shape[2:]) for k, v in p.items()}
@@ -373,3 +414,200 @@ def test_per_example_parameters_keep_the_recipe_distributions():
     # The two views of one image draw independently.
     assert 0.0 < np.mean(p["jitter"][0::2] != p["jitter"][1::2]) < 0.5
     assert abs(np.corrcoef(p["sigma"][0::2], p["sigma"][1::2])[0, 1]) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe is keras-cv layers; users name more in the config.
+
+
+def test_recipe_layers_are_keras_cv_layers_that_serialize():
+    recipe = augment.TwoViewRecipe(_aug(), 224)
+    names = [type(layer).__name__ for layer in recipe.layers]
+    assert names == [
+        "RandomResizedCrop",
+        "ColorJitter",
+        "RandomGrayscale",
+        "GaussianBlur",
+        "HorizontalFlip",
+    ]
+    for layer in recipe.layers:
+        assert isinstance(layer, augment.keras_cv.layers.VectorizedBaseImageAugmentationLayer)
+        config = layer.get_config()
+        assert type(layer).from_config(config).get_config() == config
+    assert "ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8)" in (
+        recipe.description
+    )
+    # Probability 0 leaves an op out (the CIFAR recipe has no blur).
+    assert "GaussianBlur" not in augment.TwoViewRecipe(_aug(blur_prob=0.0), 32).description
+
+
+def test_extra_and_replacement_layers_are_parsed_never_evaluated():
+    layers = augment.parse_layers(
+        "RandomSharpness(factor=0.5, value_range=(0, 1)); keras.RandomContrast(0.2);"
+        " HorizontalFlip(prob=1.0)",
+        "aug.extra",
+    )
+    assert [type(layer).__name__ for _, layer in layers] == [
+        "RandomSharpness",
+        "RandomContrast",
+        "HorizontalFlip",
+    ]
+    assert isinstance(layers[0][1], augment.keras_cv.layers.RandomSharpness)
+    assert isinstance(layers[1][1], augment.keras.layers.RandomContrast)
+    for spec, message in (
+        ("NoSuchLayer(1)", "no layer 'NoSuchLayer'"),
+        ("RandomSharpness(factor=open('/etc/passwd'), value_range=(0, 1))", "literals"),
+        ("RandomSharpness(factor=0.5, value_range=(0, 1), colour=3)", "Unrecognized keyword"),
+        ("RandomResizedCrop(size=0)", "ValueError: size=0"),
+        ("RandomSharpness(", "is not a layer call"),
+        ("__import__('os').system('true')", "is not a layer call"),
+        ("ColorJitter(**{'hue': 0.1})", "literals"),
+        ("ColorJitter(hue='a' * 3)", "arithmetic of non-numbers"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)) as error:
+            augment.parse_layers(spec, "aug.extra")
+        assert "config.aug.extra" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_rejects_a_bad_layer_before_reading_data():
+    c = default_config()
+    c.aug.extra = "RandomSharpnes(factor=0.5)"
+    with pytest.raises(ConfigError, match="config.aug.extra: no layer 'RandomSharpnes'"):
+        validate(c)
+    c = default_config()
+    c.data.photometric = "device"
+    c.aug.recipe = "RandomSharpness(factor=0.5, value_range=(0, 1)); RandomResizedCrop(32)"
+    with pytest.raises(ConfigError, match="needs a recipe that starts with RandomResizedCrop"):
+        validate(c)
+    c.aug.recipe = "RandomResizedCrop(32); RandomSharpness(factor=0.5, value_range=(0, 1));"
+    c.aug.recipe += " HorizontalFlip()"
+    with pytest.raises(ConfigError, match="put stock layers after the flip"):
+        validate(c)
+    c.aug.recipe = "RandomResizedCrop(32, rescale=scale)"
+    with pytest.raises(ConfigError, match="literals"):
+        validate(c)
+    c.aug.recipe = "RandomResizedCrop(32, rescale=1/255); ColorJitter(); HorizontalFlip()"
+    validate(c)
+    assert augment.parse_layers(c.aug.recipe, "aug.recipe")[0][1].rescale == 1 / 255
+
+
+def test_replaced_recipe_runs_in_the_pipeline():
+    from simsiam_tf import data
+
+    c = default_config()
+    c.data.image_size = 16
+    c.aug.recipe = (
+        "RandomResizedCrop(16, scale=(0.5, 1.0), rescale=1/255);"
+        " RandomColorDegeneration(0.5); HorizontalFlip()"
+    )
+    source = data.load_source("builtin:digits")
+    batch = next(iter(data.pretrain_dataset(source, c.data, c.aug, 32, seed=0)))
+    assert batch["view1"].shape == (32, 16, 16, 3) and batch["view1"].dtype == tf.uint8
+    assert not np.array_equal(batch["view1"].numpy(), batch["view2"].numpy())
+
+
+# ------------------------------------------------------------------------------------------------
+# keras-cv's call path runs during training: its base classes' calls are counted.
+
+
+@pytest.fixture
+def keras_cv_calls(monkeypatch):
+    """Counts calls of keras-cv's image-augmentation base classes' `call`, by layer class."""
+    counts = collections.Counter()
+    layers = augment.keras_cv.layers
+    for base in (layers.VectorizedBaseImageAugmentationLayer, layers.BaseImageAugmentationLayer):
+
+        def wrap(original):
+            @functools.wraps(original)
+            def call(self, *args, **kwargs):
+                counts[type(self).__name__] += 1
+                return original(self, *args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(base, "call", wrap(base.call))
+    return counts
+
+
+def _tiny_run_config(source, photometric="cpu", extra=""):
+    from tests.helpers import tiny_config
+
+    c = tiny_config()
+    c.data.source = source
+    c.data.image_size = 16
+    c.data.photometric = photometric
+    c.aug.extra = extra
+    c.optim.batch_size = 32
+    c.optim.epochs = 1
+    c.train.steps_per_epoch = 2
+    c.train.verbose = 0
+    c.eval.random_init_knn = False
+    c.eval.max_bank = 64
+    c.eval.max_queries = 32
+    return c
+
+
+RECIPE_CALLED = {"RandomResizedCrop", "ColorJitter", "RandomGrayscale", "HorizontalFlip"}
+
+
+@pytest.mark.parametrize(
+    "kind,photometric,extra",
+    [
+        ("folder", "cpu", ""),
+        ("builtin", "cpu", "RandomSharpness(factor=0.5, value_range=(0, 1))"),
+        ("builtin", "device", "RandomSharpness(factor=0.5, value_range=(0, 1))"),
+    ],
+)
+def test_training_runs_the_recipe_through_keras_cv(
+    tmp_path, keras_cv_calls, kind, photometric, extra
+):
+    from simsiam_tf import train
+    from tests.conftest import write_images
+
+    source = "builtin:digits"
+    if kind == "folder":
+        write_images(tmp_path / "images", 64, size=(40, 30), ext=".jpg")
+        source = f"folder:{tmp_path / 'images'}"
+    summary = train.train(_tiny_run_config(source, photometric, extra), str(tmp_path / "run"))
+    assert np.isfinite(summary["loss_last"])
+    assert RECIPE_CALLED <= set(keras_cv_calls), keras_cv_calls
+    if extra:
+        assert keras_cv_calls["RandomSharpness"] > 0
+    # The view grid went to TensorBoard at the start.
+    assert os.listdir(tmp_path / "run" / "tb" / "views")
+
+
+def test_show_views_writes_the_picture(tmp_path):
+    from simsiam_tf import plots
+    from tests.conftest import REPO
+
+    out = tmp_path / "views.png"
+    cmd = [
+        sys.executable,
+        "tools/show_views.py",
+        "--config=configs/quickstart.py",
+        f"--out={out}",
+        "--n=3",
+        "--config.aug.extra=RandomSharpness(factor=0.5, value_range=(0, 1))",
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    width, height = plots.read_png_size(str(out))
+    assert height > width > 200  # 3 rows of (image, view 1, view 2)
+    bad = cmd[:3] + [f"--out={out}", "--config.aug.extra=Sharpness(0.5)"]
+    proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "config.aug.extra: no layer 'Sharpness'" in proc.stderr
+
+
+def test_device_stage_with_a_stock_layer_trains_on_two_replicas(two_replicas, keras_cv_calls):
+    from simsiam_tf import data, train
+
+    extra = "RandomSharpness(factor=0.5, value_range=(0, 1))"
+    c = _tiny_run_config("builtin:digits", "device", extra)
+    net, _ = train.build_model_and_optimizer(c, 2, two_replicas)
+    source = data.load_source("builtin:digits")
+    batches = data.pretrain_dataset(source, c.data, c.aug, 32, seed=0, num_epochs=1)
+    history = net.fit(batches, epochs=1, steps_per_epoch=2, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert keras_cv_calls["ColorJitter"] > 0 and keras_cv_calls["RandomSharpness"] > 0

@@ -106,8 +106,9 @@ def test_device_mode_carries_parameters_and_matches_cpu_mode():
 
     dev = next(iter(data.pretrain_dataset(src, dcfg, acfg, 32, seed=2)))
     assert {"params1", "params2"} <= set(dev)
-    assert dev["params1"]["brightness"].shape == (32,)
-    on_device = augment.PhotometricAugment(acfg).apply(dev["view1"], dev["params1"])
+    assert dev["params1"]["layer1"]["brightness"].shape == (32,)
+    stage = augment.TwoViewRecipe(acfg, 16, "device").device_stage()
+    on_device = stage(tf.cast(dev["view1"], tf.float32) / 255.0, params=dev["params1"])
     dcfg_cpu, _ = _cfgs(size=16, photometric="cpu")
     cpu = next(iter(data.pretrain_dataset(src, dcfg_cpu, acfg, 32, seed=2)))
     # Same seed, same distributions, same draws: equal up to the uint8 rounding of CPU mode.

@@ -12,9 +12,10 @@
     python tools/benchmark.py compare --what=pipeline --folder=DIR --threads=1 --rounds=3
     python tools/benchmark.py compare --what=step --batch=128 --rounds=3
 
-`--photometric=device` times only what the CPU does in that mode (decode, crop, resize, flip and
-the sampling of the photometric parameters); the colour and blur work then runs in the train
-step. `--threads=N` limits tf.data's private pool and TensorFlow's intra- and inter-op pools to
+`pipeline` times the training pipeline itself (`data.pretrain_dataset`), whose augmentations are
+the recipe's keras-cv layers called through keras-cv. `--photometric=device` times only what the
+CPU does in that mode (decode, crop, resize, flip and the sampling of the photometric
+parameters); the colour and blur work then runs in the train step. `--threads=N` limits tf.data's private pool and TensorFlow's intra- and inter-op pools to
 N threads. Runs are warmed up, then timed; `cores_used` = process CPU time / wall time tells how
 many cores a run really used. The last line printed is machine-readable `key=value` pairs and
 includes `pairs_per_s=`. Absolute figures depend on the machine and its load: compare runs made
@@ -201,10 +202,9 @@ def _synthetic(config, batch: int):
         for v in (1, 2)
     }
     if config.data.photometric == "device":
+        recipe = augment.TwoViewRecipe(config.aug, size, "device")
         for v in (1, 2):
-            views[f"params{v}"] = augment.sample_photometric(
-                tf.constant([v, 1], tf.int64), batch, config.aug
-            )
+            views[f"params{v}"] = recipe.device_params(tf.constant([v, 1], tf.int64), batch)
     return tf.data.Dataset.from_tensors(views).repeat()
 
 
