@@ -204,7 +204,8 @@ def train(
     start = time.time()
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir} is a file; give a directory (created if missing)")
-    config_lib.validate(config)
+    # The strategy first: validation builds the augmentation layers, which starts TensorFlow,
+    # and the CPU can only be split (train.cpu_devices) before that.
     strategy = distribute.make_strategy(config.train.cpu_devices, config.train.tpu)
     config_lib.validate(config, strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(config.train.precision)
