@@ -218,7 +218,7 @@ def write_run(
         for t in tensors:
             if t.variable is not None and t.name in ckpt.momentum and t.variable.trainable:
                 buf = opt.momentums[opt._get_variable_index(t.variable)]
-                buf.assign(torch_weights._from_torch(ckpt.momentum[t.name], t.kind))
+                buf.assign(torch_weights.from_torch_layout(ckpt.momentum[t.name], t.kind))
                 momentum_loaded += 1
         opt.iterations.assign(step)
 

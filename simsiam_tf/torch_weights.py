@@ -216,7 +216,8 @@ def describe(backbone: keras.Model) -> str:
 # Keras -> torch
 
 
-def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
+def to_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    """A Keras value in the torch layout of its kind (see `_Tensor`)."""
     if kind == "conv":
         return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
     if kind == "linear":
@@ -233,7 +234,7 @@ def tensors_to_state_dict(tensors: list) -> dict:
         elif t.kind == "frozen_bias":
             out[t.name] = np.zeros(t.shape, np.float32)
         else:
-            out[t.name] = _to_torch(np.asarray(t.variable.numpy()), t.kind)
+            out[t.name] = to_torch_layout(np.asarray(t.variable.numpy()), t.kind)
     return out
 
 
@@ -278,7 +279,8 @@ def check_state_dict(tensors: list, state_dict: Mapping, what: str, optional=(CO
             raise ValueError(f"checkpoint tensor {name} is unexpected for {what}{hint}")
 
 
-def _from_torch(value: np.ndarray, kind: str) -> np.ndarray:
+def from_torch_layout(value: np.ndarray, kind: str) -> np.ndarray:
+    """A torch value in the Keras layout of its kind (see `_Tensor`)."""
     if kind == "conv":
         return value.transpose(2, 3, 1, 0)
     if kind == "linear":
@@ -301,7 +303,7 @@ def assign_tensors(tensors: list, state_dict: Mapping, what: str) -> None:
                 state_dict[t.name], np.float64
             )
             continue
-        value = _from_torch(np.asarray(state_dict[t.name]), t.kind)
+        value = from_torch_layout(np.asarray(state_dict[t.name]), t.kind)
         values[t.name] = values.get(t.name, 0.0) + value.astype(np.float64)
     for t in tensors:
         if t.variable is not None:
