@@ -233,6 +233,12 @@ def test_architecture_mismatch_is_refused_before_writing(tmp_path):
     assert "checkpoint arch=resnet18" in proc.stderr
     assert not workdir.exists()
 
+    garbage = tmp_path / "notes.pth.tar"
+    garbage.write_text("not a checkpoint")
+    proc = _import(garbage, workdir, "configs/imagenet_resnet50.py", ok=False)
+    assert proc.returncode != 0 and "cannot be read by torch.load" in proc.stderr
+    assert not workdir.exists()
+
 
 @pytest.mark.slow
 def test_resnet50_at_224_served_equals_torch(tmp_path):

@@ -20,6 +20,8 @@ Needs torch (requirements-parity.txt); training, evaluation and serving never im
 """
 
 import json
+import os
+import pickle
 import sys
 
 try:  # before anything imports TensorFlow: torch's libraries must load first
@@ -51,7 +53,16 @@ def load_checkpoint(path: str) -> dict:
         raise ImportError(
             "tools/import_torch.py needs torch: pip install -r requirements-parity.txt"
         )
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--checkpoint={path}: no such file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(
+            f"--checkpoint={path} cannot be read by torch.load(weights_only=True) "
+            f"({type(err).__name__}): not a torch checkpoint, or one that holds objects other "
+            "than tensors, numbers, strings and containers"
+        ) from err
 
     def to_numpy(x):
         if isinstance(x, torch.Tensor):
