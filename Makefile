@@ -6,7 +6,8 @@ REQUIREMENTS ?= requirements.txt
 STAMP := $(VENV)/.installed-$(notdir $(REQUIREMENTS))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu
+.PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu \
+	test-import-torch
 
 install: $(STAMP)
 
@@ -43,6 +44,24 @@ test-slow: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
+# torch (requirements-parity.txt) lives in a venv of its own that sees the training venv's
+# packages, so the training venv never holds torch.
+PARITY_VENV ?= $(VENV)-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
+PARITY_STAMP := $(PARITY_VENV)/.installed-requirements-parity.txt
+site_packages = $$($(1) -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+
+$(PARITY_STAMP): requirements-parity.txt | $(STAMP)
+	test -x $(PARITY_PY) || $(PY) -m venv $(PARITY_VENV)
+	echo "import site; site.addsitedir('$(call site_packages,$(PY))')" \
+		> $(call site_packages,$(PARITY_PY))/simsiam-training-venv.pth
+	$(PARITY_PY) -m pip install --quiet -r requirements-parity.txt
+	touch $@
+
+# Official PyTorch checkpoints made with torchvision, imported, exported and served.
+test-import-torch: $(PARITY_STAMP)
+	$(PARITY_PY) -m pytest -q -m "" tests/test_import_torch.py
+
 lint: install
 	$(PY) -m ruff check simsiam_tf tools tests configs
 	$(PY) -m black --check simsiam_tf tools tests configs
@@ -52,4 +71,4 @@ format: install
 	$(PY) -m black simsiam_tf tools tests configs
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PARITY_VENV) runs .pytest_cache

@@ -380,13 +380,17 @@ def write_summary(workdir: str, proj_dim: int, wall_seconds: float) -> dict:
     history = callbacks.read_history(os.path.join(workdir, "history.jsonl"))
     if not history:
         raise RuntimeError(f"{workdir}/history.jsonl is empty: no epoch finished")
-    first, last = history[0], history[-1]
+    # A run imported from an official checkpoint (tools/import_torch.py) starts with a row of
+    # epochs whose metrics are unknown; the loss and std come from the rows trained here.
+    trained = [r for r in history if "loss" in r]
+    first, last = (trained[0], trained[-1]) if trained else ({}, {})
+    z_std = last.get("z_std")
     summary = {
-        "epochs": last["epoch"],
-        "loss_first": first["loss"],
-        "loss_last": last["loss"],
-        "z_std": last["z_std"],
-        "z_std_ratio": last["z_std"] * math.sqrt(proj_dim),
+        "epochs": history[-1]["epoch"],
+        "loss_first": first.get("loss"),
+        "loss_last": last.get("loss"),
+        "z_std": z_std,
+        "z_std_ratio": None if z_std is None else z_std * math.sqrt(proj_dim),
         "knn_top1": next((r["knn_top1"] for r in reversed(history) if "knn_top1" in r), None),
         "random_init_knn_top1": None,
         "wall_seconds": wall_seconds,
