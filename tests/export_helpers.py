@@ -8,7 +8,13 @@ alone (no simsiam_tf import) and answers the request files it is given:
 
 KIND is npy (a .npy input for SIGNATURE), rest (a JSON body) or grpc (a serialized
 PredictRequest); OUT.npz gets NAME/OUTPUT arrays, and NAME/error with the message when the
-model refused the request.
+model refused the request. With --measure it answers one .npy request and prints what it cost:
+
+    python -m tests.export_helpers --measure SAVED_MODEL SIGNATURE FILE.npy
+    # {"extra_mb": ..., "seconds": ..., "error": null or the message, "error_type": ...}
+
+extra_mb is the rise of the process's peak resident memory (ru_maxrss) over the request, after
+the export is loaded and has answered its own warm-up request, as TF Serving's warm-up leaves it.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import base64
 import io
 import json
 import os
+import resource
 import struct
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -76,10 +84,17 @@ def encoder(tmp_path_factory, projection: bool = False):
 
 
 def reference_from_bytes(enc, encoded) -> dict:
-    """The in-memory encoder on encoded images: decode, then the evaluation-time path."""
-    from simsiam_tf import data
+    """The in-memory encoder on encoded images as evaluation embeds them (data.decode_eval)."""
+    from simsiam_tf import data, export
 
-    rows = [enc(data.decode_rgb(e)[None]) for e in encoded]
+    rows = [
+        export._outputs(
+            enc.backbone,
+            enc.projector,
+            data.decode_eval(e, enc.image_size, enc.crop_fraction)[None],
+        )
+        for e in encoded
+    ]
     return {k: np.concatenate([r[k].numpy() for r in rows]) for k in rows[0]}
 
 
@@ -206,5 +221,51 @@ def _main(argv) -> None:
     np.savez(out, **results)
 
 
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure(saved_model: str, signature: str, path: str) -> None:
+    loaded = tf.saved_model.load(saved_model)
+    spec = _input_spec(loaded, signature)
+    function = loaded.signatures[signature]
+    warmup = np.zeros((1, 8, 8, 3), np.uint8)
+    if signature == "serving_bytes":
+        warmup = np.array([tf.io.encode_png(warmup[0]).numpy()], object)
+    function(**{spec.name: tf.constant(warmup.astype(spec.dtype.as_numpy_dtype))})
+    value = tf.constant(np.load(path, allow_pickle=True))
+    before, start = _peak_mb(), time.perf_counter()
+    result = {"error": None, "error_type": None}
+    try:
+        function(**{spec.name: value})
+    except Exception as err:  # noqa: BLE001 - the type is the answer
+        result["error_type"] = type(err).__name__
+        result["error"] = getattr(err, "message", str(err))
+    result.update(seconds=time.perf_counter() - start, extra_mb=_peak_mb() - before)
+    print(json.dumps(result))
+
+
+def measure(saved_model: str, signature: str, value: np.ndarray, tmp_path, timeout=120) -> dict:
+    """One request answered in a fresh process: {extra_mb, seconds, error, error_type}."""
+    import subprocess
+
+    path = os.path.join(str(tmp_path), f"request-{len(os.listdir(str(tmp_path)))}.npy")
+    np.save(path, value, allow_pickle=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.export_helpers", "--measure", saved_model, signature, path],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
-    _main(sys.argv)
+    if sys.argv[1] == "--measure":
+        _measure(*sys.argv[2:5])
+    else:
+        _main(sys.argv)

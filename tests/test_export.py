@@ -140,7 +140,10 @@ def test_metadata_and_missing_weights(run, saved_model, tmp_path):
     assert meta["version"] == 1 and meta["image_size"] == 16
     assert meta["weights"].endswith("backbone.weights.h5")
     assert meta["outputs"] == [export.EMBEDDING, export.EMBEDDING_NORMALIZED]
-    assert meta["max_pixels"] == export.DEFAULT_MAX_PIXELS
+    # The defaults of a 16 px model: 1 MP per image, 256 images, 4 MP per request.
+    assert meta["max_pixels"] == export.default_max_pixels(16) == 1_000_000
+    assert meta["max_batch"] == export.default_max_batch(16) == 256
+    assert meta["max_request_pixels"] == 4_000_000 and meta["max_aspect_ratio"] == 16
     assert meta["config"]["model"]["backbone"] == "cnn_small"
 
     unfinished = tmp_path / "unfinished"
@@ -262,7 +265,7 @@ def test_centre_crop_preprocessing_any_size(run, tmp_path):
     assert enc.crop_fraction == 0.875
     serve = tf.saved_model.load(path).signatures
     rng = np.random.default_rng(3)
-    for shape in ((1, 37, 23, 3), (2, 16, 16, 3), (1, 5, 90, 3), (1, 1, 1, 3)):
+    for shape in ((1, 37, 23, 3), (2, 16, 16, 3), (1, 5, 80, 3), (1, 1, 1, 3)):
         images = rng.integers(0, 256, shape, dtype=np.uint8)
         _assert_close(serve["serving_default"](images=tf.constant(images)), enc(images))
         encoded = [eh.encode(im, "PNG") for im in images]
@@ -351,19 +354,35 @@ def _hostile_cases():
             np.array([eh.encode(zeros(4, 4, 3), "GIF")], object),
             "not a JPEG or PNG",
         ),
-        "truncated JPEG": ("serving_bytes", np.array([jpeg[: len(jpeg) // 2]], object), "JPEG"),
+        "truncated JPEG": (
+            "serving_bytes",
+            np.array([jpeg[: len(jpeg) // 2]], object),
+            r"image_bytes\[0\]: corrupt or truncated JPEG",
+        ),
         "JPEG header only": ("serving_bytes", np.array([jpeg[:200]], object), "JPEG"),
-        "truncated PNG": ("serving_bytes", np.array([png[: len(png) // 2]], object), "PNG"),
+        "truncated PNG": (
+            "serving_bytes",
+            np.array([png, png[: len(png) // 2]], object),
+            r"image_bytes\[1\]: corrupt or truncated PNG",
+        ),
         "PNG signature only": ("serving_bytes", np.array([png[:20]], object), "truncated PNG"),
+        **{
+            f"{n} bytes from the PNG signature": (
+                "serving_bytes",
+                np.array([png[:n]], object),
+                r"image_bytes\[0\]: truncated PNG",
+            )
+            for n in (8, 9, 10, 11, 12, 16)
+        },
         "JPEG declaring 30000x30000": (
             "serving_bytes",
             np.array([eh.jpeg_with_size(jpeg, 30000, 30000)], object),
-            "larger than the 40000000 pixels",
+            r"image_bytes\[0\]: image of 30000 x 30000 pixels larger than the 1000000 pixels",
         ),
         "PNG declaring 30000x30000": (
             "serving_bytes",
             np.array([eh.png_with_size(png, 30000, 30000)], object),
-            "larger than the 40000000 pixels",
+            "larger than the 1000000 pixels",
         ),
         "PNG declaring 2^31-1 x 2^31-1": (
             "serving_bytes",
@@ -373,7 +392,7 @@ def _hostile_cases():
         "one bad image among good ones": (
             "serving_bytes",
             np.array([png, b"\xff\xd8\xff garbage", png], object),
-            "JPEG",
+            r"image_bytes\[1\]: JPEG without a frame header",
         ),
         "too many images": (
             "serving_bytes",
@@ -418,8 +437,9 @@ def test_hostile_input_is_refused_by_the_signature(case, loaded, session_model):
     signature, value, message = HOSTILE[case]
     input_name = export.SIGNATURE_INPUTS[signature]
     peak = _peak_rss_mb()
-    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message) as err:
         loaded.signatures[signature](**{input_name: tf.constant(value)})
+    assert all(c.isprintable() or c in "\n\t" for c in err.value.message), err.value.message
     # TF Serving feeds the request to the SignatureDef's tensors in a TF1 session.
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         session_model.predict(signature, {input_name: value})
