@@ -297,7 +297,7 @@ ALPHA_BACKGROUND = 255
 # 12-megapixel photo served at 224 px is decoded at 1/4 scale (0.75 megapixels).
 DCT_SCALE_MARGIN = 2
 _DCT_RATIOS = (1, 2, 4, 8)
-_JPEG_SEGMENTS = 32  # marker segments read before the first scan when looking for Exif
+_JPEG_SEGMENTS = 32  # marker segments read before the first scan, for Exif and the frame
 _EXIF_ENTRIES = 64  # IFD0 entries searched for the orientation tag
 
 
@@ -309,45 +309,66 @@ def _bytes_at(encoded: tf.Tensor, pos: tf.Tensor, n: int) -> tf.Tensor:
     return tf.cast(raw, tf.int64)
 
 
-def png_size(encoded: tf.Tensor) -> tf.Tensor:
-    """(height, width) int64 from a PNG's IHDR chunk (big-endian at bytes 16-23); (0, 0) when
-    the bytes are too short or carry no IHDR chunk there."""
+def png_size(encoded: tf.Tensor, missing: int = 0) -> tf.Tensor:
+    """(height, width) int64 from a PNG's IHDR chunk (big-endian at bytes 16-23); (missing,
+    missing) when there is no IHDR chunk there (never an error, whatever the bytes)."""
     head = _bytes_at(encoded, 12, 12)
     ihdr = tf.reduce_all(tf.equal(head[:4], tf.constant(list(b"IHDR"), tf.int64)))
     big_endian = lambda b: ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]
     size = tf.stack([big_endian(head[8:12]), big_endian(head[4:8])])
-    return tf.where(ihdr, size, tf.zeros_like(size))
+    return tf.where(ihdr, size, tf.fill([2], tf.constant(missing, tf.int64)))
+
+
+# Start-of-frame markers (the frame header holds the image size): C0-CF but DHT, JPG and DAC.
+_SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
+
+
+def _jpeg_segments(encoded: tf.Tensor):
+    """(position of the TIFF header of the first APP1 Exif segment, position of the first frame
+    header), -1 where absent: the marker segments from the SOI are followed by their lengths,
+    as libjpeg reads them, up to the first scan (SOS), the end, or bytes that are no segment."""
+
+    def walk(i, pos, exif, sof):
+        seg = _bytes_at(encoded, pos, 10)  # FF, marker, length (2), "Exif\0\0"
+        marker = seg[1]
+        is_segment = tf.logical_and(tf.equal(seg[0], 0xFF), seg[2] * 256 + seg[3] >= 2)
+        is_exif = tf.logical_and(
+            tf.equal(marker, 0xE1),
+            tf.reduce_all(tf.equal(seg[4:10], tf.constant(list(b"Exif\0\0"), tf.int64))),
+        )
+        is_sof = tf.reduce_any(tf.equal(marker, _SOF_MARKERS))
+        exif = tf.where(tf.logical_and(is_segment, is_exif) & (exif < 0), pos + 10, exif)
+        sof = tf.where(tf.logical_and(is_segment, is_sof) & (sof < 0), pos, sof)
+        go_on = tf.logical_and(is_segment, tf.logical_and(marker != 0xDA, marker != 0xD9))
+        pos = tf.where(go_on, pos + 2 + seg[2] * 256 + seg[3], tf.constant(-1, tf.int64))
+        return i + 1, pos, exif, sof
+
+    minus_one = tf.constant(-1, tf.int64)
+    _, _, exif, sof = tf.while_loop(
+        lambda i, pos, exif, sof: tf.logical_and(i < _JPEG_SEGMENTS, pos >= 0),
+        walk,
+        (tf.constant(0), tf.constant(2, tf.int64), minus_one, minus_one),
+    )
+    return exif, sof
+
+
+def jpeg_size(encoded: tf.Tensor, missing: int = 0) -> tf.Tensor:
+    """(height, width) int64 from a JPEG's frame header; (missing, missing) when none is found
+    (never an error, whatever the bytes)."""
+    _, sof = _jpeg_segments(encoded)
+    head = _bytes_at(encoded, sof, 9)  # FF, marker, length (2), precision, height (2), width (2)
+    size = tf.stack([head[5] * 256 + head[6], head[7] * 256 + head[8]])
+    return tf.where(sof >= 0, size, tf.fill([2], tf.constant(missing, tf.int64)))
 
 
 def jpeg_orientation(encoded: tf.Tensor) -> tf.Tensor:
     """The EXIF orientation (1-8, int32) of a JPEG; 1 when it has none or it cannot be read.
 
-    Walks the marker segments before the first scan to the APP1 "Exif" segment and reads tag
-    0x0112 of its first IFD, in either TIFF byte order. Every read is bounds-safe, so any bytes
-    give an answer.
+    Reads tag 0x0112 of the first IFD of the APP1 "Exif" segment, in either TIFF byte order.
+    Every read is bounds-safe, so any bytes give an answer.
     """
     u16 = lambda b, le: tf.where(le, b[0] + 256 * b[1], 256 * b[0] + b[1])
-
-    def walk(i, pos, found):
-        seg = _bytes_at(encoded, pos, 10)  # FF, marker, length (2), "Exif\0\0"
-        marker = seg[1]
-        is_exif = tf.logical_and(
-            tf.equal(marker, 0xE1),
-            tf.reduce_all(tf.equal(seg[4:10], tf.constant(list(b"Exif\0\0"), tf.int64))),
-        )
-        length = seg[2] * 256 + seg[3]
-        segment = tf.logical_and(tf.equal(seg[0], 0xFF), length >= 2)
-        # The scan (SOS), the end (EOI) or anything that is not a segment ends the walk.
-        go_on = tf.logical_and(segment, tf.logical_and(marker != 0xDA, marker != 0xD9))
-        found = tf.where(is_exif, pos + 10, found)
-        done = tf.logical_or(is_exif, tf.logical_not(go_on))
-        return i + 1, tf.where(done, tf.constant(-1, tf.int64), pos + 2 + length), found
-
-    _, _, tiff = tf.while_loop(
-        lambda i, pos, found: tf.logical_and(i < _JPEG_SEGMENTS, pos >= 0),
-        walk,
-        (tf.constant(0), tf.constant(2, tf.int64), tf.constant(-1, tf.int64)),
-    )
+    tiff, _ = _jpeg_segments(encoded)
     header = _bytes_at(encoded, tiff, 8)  # "II*\0" or "MM\0*", offset of IFD0 (4 bytes)
     little = tf.logical_and(tf.equal(header[0], 0x49), tf.equal(header[1], 0x49))
     big = tf.logical_and(tf.equal(header[0], 0x4D), tf.equal(header[1], 0x4D))

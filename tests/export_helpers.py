@@ -10,8 +10,8 @@ KIND is npy (a .npy input for SIGNATURE), rest (a JSON body) or grpc (a serializ
 PredictRequest); OUT.npz gets NAME/OUTPUT arrays, and NAME/error with the message when the
 model refused the request. With --measure it answers one .npy request and prints what it cost:
 
-    python -m tests.export_helpers --measure SAVED_MODEL SIGNATURE FILE.npy
-    # {"extra_mb": ..., "seconds": ..., "error": null or the message, "error_type": ...}
+    python -m tests.export_helpers --measure SAVED_MODEL SIGNATURE FILE.npy [SIGNATURE FILE.npy]
+    # [{"extra_mb": ..., "seconds": ..., "error": null or the message, "error_type": ...}]
 
 extra_mb is the rise of the process's peak resident memory (ru_maxrss) over the request, after
 the export is loaded and has answered its own warm-up request, as TF Serving's warm-up leaves it.
@@ -98,6 +98,16 @@ def reference_from_bytes(enc, encoded) -> dict:
     return {k: np.concatenate([r[k].numpy() for r in rows]) for k in rows[0]}
 
 
+def reference_from_pixels(enc, encoded) -> dict:
+    """The in-memory encoder on the pixels of encoded images (data.decode_rgb, full size), as a
+    client sends them to serving_default: a JPEG that serving_bytes decodes at a DCT scale
+    embeds slightly differently this way."""
+    from simsiam_tf import data
+
+    rows = [enc(data.decode_rgb(e)[None]) for e in encoded]
+    return {k: np.concatenate([r[k].numpy() for r in rows]) for k in rows[0]}
+
+
 # ------------------------------------------------------------------------------------------------
 # Real photos and hostile images.
 
@@ -123,9 +133,45 @@ def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
 
 
 def jpeg_with_size(jpeg: bytes, height: int, width: int) -> bytes:
-    """A real baseline JPEG whose SOF0 frame header is patched to declare height x width."""
-    sof = jpeg.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    """A real JPEG whose frame header (SOF0 baseline or SOF2 progressive) is patched to declare
+    height x width: libjpeg decodes the missing rows as flat grey."""
+    sof = jpeg.find(b"\xff\xc0")
+    sof = jpeg.index(b"\xff\xc2") if sof < 0 else sof
+    # marker (2), length (2), precision (1), height (2), width (2)
     return jpeg[: sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9 :]
+
+
+def flat_jpeg(progressive: bool = False) -> bytes:
+    """A 16 x 16 grey JPEG, 4:2:0, a few hundred bytes: the body of jpeg_with_size's lies."""
+    return encode(np.full((16, 16, 3), 128, np.uint8), "JPEG", progressive=progressive)
+
+
+def flat_png(height: int, width: int, mode: str = "RGB") -> bytes:
+    """A real PNG of height x width zeros (RGB, or RGBA: fully transparent), which zlib packs
+    into about 1 KB per megapixel."""
+    from PIL import Image
+
+    channels = {"RGB": 3, "RGBA": 4}[mode]
+    buf = io.BytesIO()
+    image = Image.fromarray(np.zeros((height, width, channels), np.uint8), mode)
+    image.save(buf, "PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int, big_endian: bool = False) -> bytes:
+    """The JPEG with an APP1 Exif segment (IFD0: Orientation) inserted after its SOI, in the
+    TIFF byte order asked, behind an XMP APP1 segment as cameras write them."""
+    e = ">" if big_endian else "<"
+    tiff = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(e + "I", 8)
+    entries = [(0x010F, 2, 4, b"cam\x00"), (0x0112, 3, 1, struct.pack(e + "HH", orientation, 0))]
+    tiff += struct.pack(e + "H", len(entries))
+    for tag, kind, count, value in entries:
+        tiff += struct.pack(e + "HHI", tag, kind, count) + value
+    tiff += struct.pack(e + "I", 0)
+    exif = b"Exif\x00\x00" + tiff
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    segment = lambda body: b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+    return jpeg[:2] + segment(xmp) + segment(exif) + jpeg[2:]
 
 
 def png_with_size(png: bytes, height: int, width: int) -> bytes:
@@ -225,35 +271,48 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure(saved_model: str, signature: str, path: str) -> None:
+def _measure(saved_model: str, requests: list) -> None:
     loaded = tf.saved_model.load(saved_model)
-    spec = _input_spec(loaded, signature)
-    function = loaded.signatures[signature]
-    warmup = np.zeros((1, 8, 8, 3), np.uint8)
-    if signature == "serving_bytes":
-        warmup = np.array([tf.io.encode_png(warmup[0]).numpy()], object)
-    function(**{spec.name: tf.constant(warmup.astype(spec.dtype.as_numpy_dtype))})
-    value = tf.constant(np.load(path, allow_pickle=True))
-    before, start = _peak_mb(), time.perf_counter()
-    result = {"error": None, "error_type": None}
-    try:
-        function(**{spec.name: value})
-    except Exception as err:  # noqa: BLE001 - the type is the answer
-        result["error_type"] = type(err).__name__
-        result["error"] = getattr(err, "message", str(err))
-    result.update(seconds=time.perf_counter() - start, extra_mb=_peak_mb() - before)
-    print(json.dumps(result))
+    for signature in sorted({s for s, _ in requests}):  # as TF Serving's warm-up leaves it
+        spec = _input_spec(loaded, signature)
+        warmup = np.zeros((1, 8, 8, 3), np.uint8)
+        if signature == "serving_bytes":
+            warmup = np.array([tf.io.encode_png(warmup[0]).numpy()], object)
+        loaded.signatures[signature](**{spec.name: tf.constant(warmup, spec.dtype)})
+    results = []
+    for signature, path in requests:
+        spec = _input_spec(loaded, signature)
+        value = tf.constant(np.load(path, allow_pickle=True), spec.dtype)
+        before, start = _peak_mb(), time.perf_counter()
+        result = {"error": None, "error_type": None}
+        try:
+            loaded.signatures[signature](**{spec.name: value})
+        except Exception as err:  # noqa: BLE001 - the type is part of the answer
+            result["error_type"] = type(err).__name__
+            result["error"] = getattr(err, "message", str(err))
+        result.update(seconds=time.perf_counter() - start, extra_mb=_peak_mb() - before)
+        results.append(result)
+        del value
+    print(json.dumps(results))
 
 
-def measure(saved_model: str, signature: str, value: np.ndarray, tmp_path, timeout=120) -> dict:
-    """One request answered in a fresh process: {extra_mb, seconds, error, error_type}."""
+def measure(saved_model: str, requests: list, tmp_path, timeout: float = 300) -> list:
+    """Requests [(signature, value)] answered one after the other in one fresh process:
+    [{extra_mb, seconds, error, error_type}]. extra_mb is the rise of the peak resident memory
+    during the request, so only the first request of a process that is served, or requests
+    that allocate little, measure what they cost; give a costly request a process of its own."""
     import subprocess
+    import tempfile
 
-    path = os.path.join(str(tmp_path), f"request-{len(os.listdir(str(tmp_path)))}.npy")
-    np.save(path, value, allow_pickle=True)
+    args = []
+    for signature, value in requests:
+        fd, path = tempfile.mkstemp(suffix=".npy", dir=str(tmp_path))
+        os.close(fd)
+        np.save(path, value, allow_pickle=True)
+        args += [signature, path]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.export_helpers", "--measure", saved_model, signature, path],
+        [sys.executable, "-m", "tests.export_helpers", "--measure", saved_model, *args],
         cwd=repo,
         capture_output=True,
         text=True,
@@ -266,6 +325,6 @@ def measure(saved_model: str, signature: str, value: np.ndarray, tmp_path, timeo
 
 if __name__ == "__main__":
     if sys.argv[1] == "--measure":
-        _measure(*sys.argv[2:5])
+        _measure(sys.argv[2], list(zip(sys.argv[3::2], sys.argv[4::2])))
     else:
         _main(sys.argv)

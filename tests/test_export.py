@@ -4,6 +4,7 @@ fresh process and through saved_model_cli, and hostile input refused with Invali
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import struct
@@ -475,3 +476,81 @@ def test_limits_are_configurable(enc):
     for bad in (dict(max_pixels=0), dict(max_batch=0)):
         with pytest.raises(export.ExportError, match="must be a positive"):
             export.ServingFunctions(enc, **bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Small hostile requests, each answered in a fresh process with its peak memory measured, by
+# exports at 32 px (the whole image resized) and at 224 px (centre crop 0.875): refused with
+# InvalidArgument, or served within a memory bound that follows what is served.
+
+
+@pytest.fixture(scope="module")
+def sized(run, tmp_path_factory):
+    """{32: version dir, 224: version dir}: the tiny run exported with image_size 32 and
+    eval_crop_fraction 1.0, and with 224 and 0.875, at the default limits."""
+    out = {}
+    for size, crop in ((32, 1.0), (224, 0.875)):
+        workdir = tmp_path_factory.mktemp(f"run{size}")
+        shutil.copytree(run, workdir, dirs_exist_ok=True)
+        with open(workdir / "config.json") as f:
+            config = json.load(f)
+        config["data"].update(image_size=size, eval_crop_fraction=crop)
+        with open(workdir / "config.json", "w") as f:
+            json.dump(config, f)
+        out[size] = export.export(str(workdir), str(tmp_path_factory.mktemp("m") / "simsiam"))
+    return out
+
+
+def _bytes(*encoded):
+    return np.array(list(encoded), object)
+
+
+def _refused(result, pattern):
+    assert result["error_type"] == "InvalidArgumentError", result
+    assert re.search(pattern, result["error"]), result["error"]
+    assert all(c.isprintable() or c in "\n\t" for c in result["error"])
+    assert result["extra_mb"] < 30, result  # refused before anything in proportion is made
+
+
+def _served(result, max_mb):
+    assert result["error"] is None, result["error"]
+    assert result["extra_mb"] < max_mb and result["seconds"] < 20, result
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_thin_and_tall_images_are_refused_beyond_the_aspect_bound(sized, size, tmp_path):
+    aspect = r"more elongated than the 16:1 aspect ratio"
+    results = eh.measure(
+        sized[size],
+        [
+            ("serving_bytes", _bytes(eh.flat_png(1, 1_000_000))),  # 1 KB; was +410 MB at 32 px
+            ("serving_bytes", _bytes(eh.flat_png(1, 2000))),  # 81 bytes; was +1.57 GB at 224 px
+            ("serving_bytes", _bytes(eh.flat_png(2000, 1))),
+            ("serving_bytes", _bytes(eh.jpeg_with_size(eh.flat_jpeg(), 1, 65_500))),
+            ("serving_default", np.zeros((1, 1, 1_000_000, 3), np.uint8)),  # was 15.4 GB
+            ("serving_float", np.zeros((2, 17, 1, 3), np.float32)),
+        ],
+        tmp_path,
+    )
+    for result in results[:4]:
+        _refused(result, r"image_bytes\[0\]: image of \d+ x \d+ pixels " + aspect)
+    for result in results[4:]:
+        _refused(result, r"images\[0\]: image of \d+ x \d+ pixels " + aspect)
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_elongated_images_within_the_bound_cost_what_is_served(sized, size, tmp_path):
+    """16:1 at the largest accepted size: the resize allocates output height x input width, so
+    the bound keeps it at image_size x sqrt(16 max_pixels) floats."""
+    max_pixels = export.default_max_pixels(size)
+    height = int(np.sqrt(max_pixels / 16))
+    [wide] = eh.measure(
+        sized[size], [("serving_bytes", _bytes(eh.flat_png(height, 16 * height)))], tmp_path
+    )
+    [tall] = eh.measure(
+        sized[size],
+        [("serving_default", np.zeros((1, 16 * height, height, 3), np.uint8))],
+        tmp_path,
+    )
+    _served(wide, {32: 40, 224: 160}[size])
+    _served(tall, {32: 40, 224: 160}[size])
