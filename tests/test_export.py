@@ -2,6 +2,7 @@
 fresh process and through saved_model_cli, and hostile input refused with InvalidArgument."""
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -501,6 +502,11 @@ def sized(run, tmp_path_factory):
     return out
 
 
+def _encoder_of(version_dir):
+    with open(os.path.join(version_dir, "assets.extra", export.METADATA_FILE)) as f:
+        return export.load_encoder(json.load(f)["workdir"])
+
+
 def _bytes(*encoded):
     return np.array(list(encoded), object)
 
@@ -554,3 +560,230 @@ def test_elongated_images_within_the_bound_cost_what_is_served(sized, size, tmp_
     )
     _served(wide, {32: 40, 224: 160}[size])
     _served(tall, {32: 40, 224: 160}[size])
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_declared_sizes_below_the_limit_cost_a_bounded_amount(sized, size, tmp_path):
+    """Small files whose headers declare the largest accepted image (libjpeg decodes the
+    missing rows as flat grey): served within a bound; one pixel more, refused; a request
+    holding more than max_request_pixels, refused naming the image that crosses it."""
+    max_pixels = export.default_max_pixels(size)
+    side = int(np.sqrt(max_pixels))
+    flat, progressive = eh.flat_jpeg(), eh.flat_jpeg(progressive=True)
+    jpeg = eh.jpeg_with_size(flat, side, side)
+    budget = export.REQUEST_PIXELS_PER_IMAGE
+    over_budget = budget + 1  # images of the largest size, one more than a request may hold
+    refused = eh.measure(
+        sized[size],
+        [
+            ("serving_bytes", _bytes(eh.jpeg_with_size(flat, 6324, 6324))),  # was +593 MB
+            ("serving_bytes", _bytes(eh.jpeg_with_size(flat, side + 1, side))),
+            ("serving_bytes", _bytes(*[jpeg] * over_budget)),
+            ("serving_default", np.zeros((1, side, side, 3), np.uint8)[:, : side // 2]),
+        ],
+        tmp_path,
+    )
+    _refused(
+        refused[0], rf"image_bytes\[0\]: image of 6324 x 6324 pixels larger than the {max_pixels}"
+    )
+    _refused(refused[1], rf"larger than the {max_pixels} pixels")
+    if over_budget <= export.default_max_batch(size):
+        _refused(
+            refused[2],
+            rf"image_bytes\[{budget}\]: the images up to this one hold {over_budget * side**2} "
+            rf"pixels, more than the {budget * max_pixels} this export accepts in one request",
+        )
+    else:  # at 224 px the batch limit (4 images) binds first
+        _refused(refused[2], r"image_bytes: batch larger than the 4 images")
+    _served(refused[3], {32: 30, 224: 100}[size])
+    # Served, each in a process of its own: the largest image as a progressive JPEG (libjpeg
+    # keeps its coefficients at full size whatever the DCT scale) and as a transparent PNG (the
+    # costliest per pixel), and a request of as many baseline JPEGs of that size as it may hold.
+    requests = {
+        "progressive JPEG": (_bytes(eh.jpeg_with_size(progressive, side, side)), 60),
+        "RGBA PNG": (_bytes(eh.flat_png(side, side, "RGBA")), {32: 40, 224: 200}[size]),
+        "full request": (_bytes(*[jpeg] * min(budget, export.default_max_batch(size))), 30),
+    }
+    for name, (value, bound) in requests.items():
+        [result] = eh.measure(sized[size], [("serving_bytes", value)], tmp_path)
+        _served(dict(result, case=name), bound)
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_every_refusal_is_invalid_argument_naming_the_image(sized, size, tmp_path):
+    """8 to 11 bytes starting with the PNG signature were a UnicodeDecodeError (a slice past the
+    end, whose message quoted the bytes); a decoder failure named no image."""
+    png = eh.encode(np.zeros((30, 40, 3), np.uint8), "PNG")
+    photo = eh.sample_photos()["china.jpg"]
+    results = eh.measure(
+        sized[size],
+        [("serving_bytes", _bytes(png[:n])) for n in range(8, 16)]
+        + [
+            ("serving_bytes", _bytes(png, photo[:-2000])),  # libjpeg fails on the second
+            ("serving_bytes", _bytes(png, png[:-20])),  # zlib fails on the second
+            ("serving_bytes", _bytes(png, b"\xff\xd8\xff\xe0\x00\x02" + b"\xfe" * 6)),
+            ("serving_float", np.stack([np.zeros((4, 4, 3)), np.full((4, 4, 3), np.nan)])),
+        ],
+        tmp_path,
+    )
+    for result in results[:8]:
+        _refused(result, r"image_bytes\[0\]: truncated PNG \(no IHDR header; \d+ bytes\)")
+    _refused(results[8], r"image_bytes\[1\]: corrupt or truncated JPEG data")
+    _refused(results[9], r"image_bytes\[1\]: corrupt or truncated PNG data")
+    _refused(results[10], r"image_bytes\[1\]: JPEG without a frame header")
+    _refused(results[11], r"images\[1\]: not finite")
+
+
+def test_a_phone_photo_is_decoded_at_a_dct_scale(sized, tmp_path):
+    """A 12-megapixel photo served at 224 px is decoded at 1/4 scale (0.76 MP), bit for bit as
+    evaluation decodes it, and embeds close to its full-size decode."""
+    y, x = np.mgrid[0:3024, 0:4032]
+    photo = np.stack([x % 256, y % 256, (x // 16 + y // 16) % 256], -1).astype(np.uint8)
+    jpeg = eh.encode(photo, "JPEG", quality=90)
+    assert int(data.eval_jpeg_ratio(tf.constant(3024), tf.constant(4032), 224, 0.875)) == 4
+    [result] = eh.measure(sized[224], [("serving_bytes", _bytes(jpeg))], tmp_path)
+    _served(result, 25)  # its full-size decode alone is 36.6 MB
+    enc224 = _encoder_of(sized[224])
+    got = tf.saved_model.load(sized[224]).signatures["serving_bytes"](image_bytes=[jpeg])
+    _assert_close({k: v.numpy() for k, v in got.items()}, eh.reference_from_bytes(enc224, [jpeg]))
+    scaled = data.decode_rgb(jpeg, ratio=4)
+    assert scaled.shape == (756, 1008, 3)
+    np.testing.assert_array_equal(
+        data.decode_eval(jpeg, 224, 0.875), data.eval_preprocess(scaled, 224, 0.875)
+    )
+    full = data.eval_preprocess(data.decode_rgb(jpeg), 224, 0.875)
+    assert float(tf.reduce_mean(tf.abs(data.decode_eval(jpeg, 224, 0.875) - full))) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------
+# What users see is what is embedded: EXIF orientation and transparency, in training (which
+# decodes with data.decode_rgb), evaluation (data.decode_eval) and serving alike.
+
+_SHOWN = {  # EXIF orientation -> the stored pixels as a viewer shows them
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),  # a phone held upright: stored sideways, turned clockwise
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _phone_jpeg(height=48, width=80):
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 3, y * 5, (x + 2 * y) % 256], -1).astype(np.uint8)
+    return eh.encode(image, "JPEG", quality=95)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_exif_orientation_is_applied_when_decoding(big_endian):
+    from PIL import Image, ImageOps
+
+    plain = _phone_jpeg()
+    stored = data.decode_rgb(plain).numpy()
+    for orientation, shown in _SHOWN.items():
+        jpeg = eh.with_exif_orientation(plain, orientation, big_endian)
+        assert int(data.jpeg_orientation(jpeg)) == orientation
+        np.testing.assert_array_equal(data.decode_rgb(jpeg), shown(stored))
+        # PIL agrees on the geometry (its IDCT differs by a few levels).
+        pil = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg))), np.int16)
+        assert pil.shape == shown(stored).shape
+        assert np.abs(pil - shown(stored)).mean() < 3
+        for crop in (1.0, 0.875, 0.5):  # only the kept region is turned: the same pixels
+            np.testing.assert_array_equal(
+                data.decode_eval(jpeg, 24, crop), data.eval_preprocess(shown(stored), 24, crop)
+            )
+    # No Exif, a cut-off one, or nonsense in it: as stored.
+    for jpeg in (
+        plain,
+        eh.with_exif_orientation(plain, 6)[:60],
+        eh.with_exif_orientation(plain, 9),
+    ):
+        assert int(data.jpeg_orientation(jpeg)) == 1
+
+
+def test_exif_orientation_in_the_eval_pipeline_and_serving(loaded, enc, tmp_path):
+    """A portrait photo stored sideways (orientation 6) embeds as the upright image, through
+    evaluation's image-folder pipeline and through serving_bytes."""
+    plain = _phone_jpeg()
+    sideways = eh.with_exif_orientation(plain, 6)
+    upright = np.rot90(data.decode_rgb(plain).numpy(), -1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(sideways)
+    source = data.load_source(f"folder:{folder}", "train")
+    [(pixels, _)] = list(data.eval_dataset(source, 16, 1))
+    np.testing.assert_array_equal(pixels[0], data.eval_preprocess(upright, 16, 1.0))
+    got = loaded.signatures["serving_bytes"](image_bytes=[sideways])
+    _assert_close({k: v.numpy() for k, v in got.items()}, enc(upright[None]))
+
+
+def test_transparency_is_composited_onto_white():
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)
+    rgba[0, :, 3], rgba[1, :, 3] = 0, 255
+    alpha = rgba[..., 3:].astype(np.float64) / 255
+    want = np.round(rgba[..., :3] * alpha + data.ALPHA_BACKGROUND * (1 - alpha)).astype(np.uint8)
+    got = data.decode_rgb(eh.encode(rgba, "PNG")).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert (got[0] == 255).all() and (got[1] == rgba[1, :, :3]).all()
+    grey_alpha = Image.fromarray(rgba).convert("LA")
+    buf = io.BytesIO()
+    grey_alpha.save(buf, "PNG")
+    la = np.asarray(grey_alpha, np.float64)
+    want_la = np.round(la[..., 0] * la[..., 1] / 255 + 255 * (1 - la[..., 1] / 255))
+    np.testing.assert_array_equal(data.decode_rgb(buf.getvalue())[..., 0], want_la)
+    for crop in (1.0, 0.875):  # evaluation composites only the region it keeps: same pixels
+        np.testing.assert_array_equal(
+            data.decode_eval(eh.encode(rgba, "PNG"), 8, crop), data.eval_preprocess(got, 8, crop)
+        )
+
+
+def test_transparent_png_serves_as_its_composite(loaded, enc):
+    rgba = np.random.default_rng(8).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    png = eh.encode(rgba, "PNG")
+    got = loaded.signatures["serving_bytes"](image_bytes=[png])
+    composite = data.decode_rgb(png).numpy()
+    _assert_close({k: v.numpy() for k, v in got.items()}, enc(composite[None]))
+    # ... and not as the colour under the alpha, which PNG decoders return by default.
+    opaque = loaded.signatures["serving_default"](images=rgba[None, ..., :3])
+    assert np.abs(got["embedding"].numpy() - opaque["embedding"].numpy()).max() > 1e-3
+
+
+def test_eval_crops_before_resizing_and_serving_matches_it(run, tmp_path):
+    """The eval pipeline of an image folder and the export of the same run give the same
+    numbers for images of any shape, including big JPEGs decoded at a DCT scale."""
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = []
+    for i, (h, w) in enumerate(((37, 23), (300, 520), (1100, 700), (5, 80))):
+        base = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR))
+        fmt = "JPEG" if i % 2 else "PNG"
+        path = folder / f"{i}.{fmt.lower()}"
+        path.write_bytes(eh.encode(image, fmt))
+        files.append(path)
+    crop_run = tmp_path / "crop_run"
+    shutil.copytree(run, crop_run)
+    with open(crop_run / "config.json") as f:
+        config = json.load(f)
+    config["data"]["eval_crop_fraction"] = 0.875
+    with open(crop_run / "config.json", "w") as f:
+        json.dump(config, f)
+    path = export.export(str(crop_run), str(tmp_path / "m"))
+    enc = export.load_encoder(str(crop_run))
+    source = data.load_source(f"folder:{folder}", "train")
+    [(pixels, _)] = list(data.eval_dataset(source, 16, 8, crop_fraction=0.875))
+    encoded = [open(source.files[i], "rb").read() for i in range(4)]
+    for i, e in enumerate(encoded):
+        np.testing.assert_array_equal(pixels[i], data.decode_eval(e, 16, 0.875))
+    got = tf.saved_model.load(path).signatures["serving_bytes"](image_bytes=encoded)
+    want = export._outputs(enc.backbone, enc.projector, pixels)  # the eval pipeline's pixels
+    _assert_close({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in want.items()})
