@@ -652,27 +652,34 @@ def eval_jpeg_ratio(height, width, size: int, crop_fraction: float) -> tf.Tensor
     return ratio
 
 
-def _resize(region: tf.Tensor, size: int) -> tf.Tensor:
-    # Resized in the 0-255 range and scaled after: uint8 and integer-valued float input give the
-    # same bits, and no float copy of the region is made before the resize.
+def eval_resize(region: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 (or 0-255 float) [N]xHxWx3 -> float [N] x size x size x 3 in [0, 1]: bilinear,
+    antialiased, resized in the 0-255 range and scaled after, so uint8 and integer-valued float
+    input give the same bits and no float copy of the region is made before the resize."""
     return tf.image.resize(region, (size, size), method="bilinear", antialias=True) / 255.0
+
+
+def eval_region(image: tf.Tensor, crop_fraction: float) -> tf.Tensor:
+    """The `centre_window` region of [N]xHxWx3 images, cut in their own pixels (all of them
+    for crop_fraction 1.0)."""
+    if crop_fraction >= 1.0:
+        return image
+    shape = tf.shape(image)
+    top, left, h, w = centre_window(shape[-3], shape[-2], crop_fraction)
+    return image[..., top : top + h, left : left + w, :]
 
 
 def eval_preprocess(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
     """uint8 (or 0-255 float) [N]xHxWx3 -> float [N] x size x size x 3 in [0, 1], as at
-    evaluation time.
+    evaluation time: `eval_resize(eval_region(image, crop_fraction), size)`.
 
     The centre region of `centre_window` is cut first, in the image's own pixels, and then
-    resized to size x size (bilinear, antialiased): crop_fraction 1.0 resizes the whole image
-    (small images such as CIFAR); 0.875 keeps the centre 87.5% of the shorter side (ImageNet's
-    resize to 256, crop 224). Memory follows the region and the output, never the product of
-    the input's longer side and the output size.
+    resized to size x size: crop_fraction 1.0 resizes the whole image (small images such as
+    CIFAR); 0.875 keeps the centre 87.5% of the shorter side (ImageNet's resize to 256, crop
+    224). Memory follows the region and the output, never the product of the input's longer
+    side and the output size.
     """
-    if crop_fraction < 1.0:
-        shape = tf.shape(image)
-        top, left, h, w = centre_window(shape[-3], shape[-2], crop_fraction)
-        image = image[..., top : top + h, left : left + w, :]
-    return _resize(image, size)
+    return eval_resize(eval_region(image, crop_fraction), size)
 
 
 def decode_eval(encoded: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
@@ -684,7 +691,7 @@ def decode_eval(encoded: tf.Tensor, size: int, crop_fraction: float) -> tf.Tenso
     """
     window = lambda h, w: centre_window(h, w, crop_fraction)
     ratio = lambda h, w: eval_jpeg_ratio(h, w, size, crop_fraction)
-    return _resize(_decode(encoded, ratio, window), size)
+    return eval_resize(_decode(encoded, ratio, window), size)
 
 
 def eval_dataset(

@@ -8,11 +8,12 @@
       .tmp-3-XXXXXX/          a version being written: renamed to 3/ once complete and verified
 
 Signatures (tag "serve"); every one applies the evaluation-time preprocessing of the run
-(`data.eval_preprocess`: resize, or resize the shorter side and centre-crop) and then the
-backbone with BatchNorm in inference mode:
+(`data.eval_preprocess`: cut the centre region evaluation keeps, resize it) and then the
+backbone with BatchNorm in inference mode; serving_bytes decodes as evaluation decodes files
+(`data.decode_eval`: EXIF orientation, transparency over white, a large JPEG at a DCT scale):
 
     serving_default   images        uint8   [batch, height, width, 3], any height and width
-    serving_float     images        float32 [batch, height, width, 3], values 0-255
+    serving_float     images        float32 [batch, height, width, 3], values 0-255 (not 0-1)
     serving_bytes     image_bytes   string  [batch], encoded JPEG or PNG (REST: {"b64": ...})
 
     outputs           embedding             float32 [batch, C]  the backbone's pooled features
@@ -23,12 +24,15 @@ backbone with BatchNorm in inference mode:
 Inputs are declared with unknown rank on purpose: TF Serving feeds a request's tensor to the
 graph without checking it against the declared shape, so every check is an op in the graph
 (tf.debugging asserts, run before anything that depends on them). A bad request therefore gets
-an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cli` and Python:
-an empty batch or one above `max_batch`, a wrong rank or channel count, non-finite floats, bytes
-that are not a JPEG or PNG, a corrupt or truncated file, and an image above `max_pixels`. The
-pixel count of an encoded image is read from its header (JPEG: `tf.io.extract_jpeg_shape`;
-PNG: the IHDR chunk) before anything is decoded, so a small file that declares a huge image
-allocates nothing.
+an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cli` and Python,
+whose message names the first offending image by its index: an empty batch or one above
+`max_batch`, a wrong rank or channel count, non-finite floats, bytes that are not a JPEG or PNG,
+an image above `max_pixels` or more elongated than MAX_ASPECT_RATIO, a request above
+`max_request_pixels`, a corrupt or truncated file. The size of an encoded image is read from
+its header (the PNG IHDR chunk; the JPEG frame header, found by following the marker segments)
+by bounds-checked byte reads before anything is decoded, so a small file that declares a huge
+image allocates nothing, and what an accepted one costs is bounded by the limits, whose
+defaults follow image_size (docs/SERVING.md, "Memory").
 """
 
 from __future__ import annotations
@@ -369,10 +373,12 @@ class ServingFunctions:
             tf.logical_not(finite), IMAGES, "not finite (NaN or inf); images must be finite"
         )
         with tf.control_dependencies([check]):
-            # Clipped to the uint8 range and not rounded: integer-valued input gives exactly
-            # what the same pixels give as uint8 through serving_default.
-            images = tf.clip_by_value(images, 0.0, 255.0)
-        return self._embed(data.eval_preprocess(images, self.image_size, self.crop_fraction))
+            region = data.eval_region(images, self.crop_fraction)
+        # Clipped to the uint8 range and not rounded: integer-valued input gives exactly what
+        # the same pixels give as uint8 through serving_default. Only the region is clipped
+        # (clipping is per pixel, so the result is that of eval_preprocess on clipped images).
+        region = tf.clip_by_value(region, 0.0, 255.0)
+        return self._embed(data.eval_resize(region, self.image_size))
 
     def serving_bytes(self, image_bytes):
         rank = tf.debugging.assert_rank(

@@ -13,8 +13,9 @@ model refused the request. With --measure it answers one .npy request and prints
     python -m tests.export_helpers --measure SAVED_MODEL SIGNATURE FILE.npy [SIGNATURE FILE.npy]
     # [{"extra_mb": ..., "seconds": ..., "error": null or the message, "error_type": ...}]
 
-extra_mb is the rise of the process's peak resident memory (ru_maxrss) over the request, after
-the export is loaded and has answered its own warm-up request, as TF Serving's warm-up leaves it.
+extra_mb is the peak resident memory during the request (VmHWM, reset before it) less the
+resident memory before it, after the export is loaded and has answered a warm-up request of
+each signature asked, as TF Serving's warm-up leaves it.
 """
 
 from __future__ import annotations
@@ -267,8 +268,29 @@ def _main(argv) -> None:
     np.savez(out, **results)
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak() -> float:
+    """Resets the process's peak resident memory to its current value (Linux: clear_refs 5);
+    returns the current value in MB. Without it the peak would still hold TensorFlow's load,
+    which can exceed what a request adds, and hide it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mb("VmRSS")
+    except OSError:  # not Linux: the rise of the lifetime peak, a lower bound
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        return _status_mb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _measure(saved_model: str, requests: list) -> None:
@@ -283,7 +305,7 @@ def _measure(saved_model: str, requests: list) -> None:
     for signature, path in requests:
         spec = _input_spec(loaded, signature)
         value = tf.constant(np.load(path, allow_pickle=True), spec.dtype)
-        before, start = _peak_mb(), time.perf_counter()
+        before, start = _reset_peak(), time.perf_counter()
         result = {"error": None, "error_type": None}
         try:
             loaded.signatures[signature](**{spec.name: value})
@@ -298,9 +320,9 @@ def _measure(saved_model: str, requests: list) -> None:
 
 def measure(saved_model: str, requests: list, tmp_path, timeout: float = 300) -> list:
     """Requests [(signature, value)] answered one after the other in one fresh process:
-    [{extra_mb, seconds, error, error_type}]. extra_mb is the rise of the peak resident memory
-    during the request, so only the first request of a process that is served, or requests
-    that allocate little, measure what they cost; give a costly request a process of its own."""
+    [{extra_mb, seconds, error, error_type}]. The peak is reset before each request, but memory
+    a request leaves to the allocator can serve the next: give a costly request a process of
+    its own."""
     import subprocess
     import tempfile
 

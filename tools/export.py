@@ -1,7 +1,7 @@
 """Exports a trained run's encoder as a new version of a TF Serving model.
 
   python tools/export.py --workdir=runs/cifar10 --export_dir=exports/simsiam [--version=N]
-      [--projection] [--max_pixels=40000000] [--max_batch=256]
+      [--projection] [--max_pixels=N] [--max_batch=N] [--max_request_pixels=N]
 
 Writes exports/simsiam/<N>/ (N: one past the highest existing version unless given; an existing
 version is never overwritten) through a temporary directory that is renamed once the SavedModel
