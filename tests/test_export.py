@@ -474,9 +474,38 @@ def test_limits_are_configurable(enc):
     png = eh.encode(np.zeros((11, 10, 3), np.uint8), "PNG")
     with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the 100 pixels"):
         serve_bytes(tf.constant([png]))
-    for bad in (dict(max_pixels=0), dict(max_batch=0)):
+    for bad in (dict(max_pixels=0), dict(max_batch=0), dict(max_request_pixels=0)):
         with pytest.raises(export.ExportError, match="must be a positive"):
             export.ServingFunctions(enc, **bad)
+    with pytest.raises(export.ExportError, match="below max_pixels"):
+        export.ServingFunctions(enc, max_pixels=100, max_request_pixels=99)
+    tight = export.ServingFunctions(enc, max_pixels=100, max_batch=8, max_request_pixels=250)
+    serve = tf.function(
+        tight.serving_default, input_signature=[export.INPUT_SPECS["serving_default"]]
+    )
+    assert serve(tf.zeros((2, 10, 10, 3), tf.uint8))[export.EMBEDDING].shape == (2, 32)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"images\[2\]: the images up to this one hold 300"
+    ):
+        serve(tf.zeros((3, 10, 10, 3), tf.uint8))
+
+
+def test_default_limits_follow_the_input_size():
+    assert [export.default_max_pixels(s) for s in (16, 32, 64, 224)] == [
+        1_000_000,
+        1_000_000,
+        1_048_576,
+        12_845_056,
+    ]
+    assert 4032 * 3024 <= export.default_max_pixels(224)  # a 12 MP phone photo
+    assert [export.default_max_batch(s) for s in (16, 32, 64, 96, 224, 512)] == [
+        256,
+        256,
+        64,
+        16,
+        4,
+        1,
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
