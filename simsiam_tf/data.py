@@ -297,7 +297,7 @@ ALPHA_BACKGROUND = 255
 # 12-megapixel photo served at 224 px is decoded at 1/4 scale (0.75 megapixels).
 DCT_SCALE_MARGIN = 2
 _DCT_RATIOS = (1, 2, 4, 8)
-_JPEG_SEGMENTS = 32  # marker segments read before the first scan, for Exif and the frame
+_JPEG_SEGMENTS = 64  # marker segments read before the first scan, for Exif and the frame
 _EXIF_ENTRIES = 64  # IFD0 entries searched for the orientation tag
 
 

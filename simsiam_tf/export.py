@@ -80,6 +80,10 @@ DEFAULT_MAX_BATCH = 256
 # width floats, so this bounds it by image_size x sqrt(max_pixels x MAX_ASPECT_RATIO); a phone
 # panorama is up to about 10:1.
 MAX_ASPECT_RATIO = 16
+# Most scans (SOS markers) of an accepted JPEG: libjpeg's progressive modes write about 10, and
+# each scan is another pass over the image's coefficients, so a small file of thousands of scans
+# would cost seconds of CPU.
+MAX_JPEG_SCANS = 100
 # serving_bytes decodes this many images of a request at a time: memory in flight is one image.
 DECODE_PARALLELISM = 1
 JPEG_MAGIC = data.JPEG_MAGIC  # the first bytes of the only formats serving_bytes accepts
@@ -390,9 +394,9 @@ class ServingFunctions:
             image_bytes = tf.reshape(image_bytes, [-1])
         # Every image's format and size are read from its header first, none decoded.
         headers = tf.map_fn(
-            _read_header, image_bytes, fn_output_signature=tf.TensorSpec((3,), tf.int64)
+            _read_header, image_bytes, fn_output_signature=tf.TensorSpec((4,), tf.int64)
         )
-        fmt, height, width = headers[:, 0], headers[:, 1], headers[:, 2]
+        fmt, height, width, scans = headers[:, 0], headers[:, 1], headers[:, 2], headers[:, 3]
         length = tf.strings.length(image_bytes)
         checks = [
             _refuse_first(
@@ -412,6 +416,12 @@ class ServingFunctions:
                 IMAGE_BYTES,
                 "JPEG without a frame header (SOF) before its first scan ({} bytes)",
                 length,
+            ),
+            _refuse_first(
+                scans > MAX_JPEG_SCANS,
+                IMAGE_BYTES,
+                f"JPEG of {{}} scans, more than the {MAX_JPEG_SCANS} this export accepts",
+                scans,
             ),
         ]
         with tf.control_dependencies(checks):
@@ -473,9 +483,10 @@ class ServingFunctions:
 
 
 def _read_header(encoded: tf.Tensor) -> tf.Tensor:
-    """[format (0 neither, 1 JPEG, 2 PNG), height, width] int64 of one encoded image, read from
-    its header by bounds-safe byte reads (never an error); height -1 when the header is
-    missing (a PNG without IHDR, a JPEG without a frame header)."""
+    """[format (0 neither, 1 JPEG, 2 PNG), height, width, scans] int64 of one encoded image,
+    read by bounds-safe byte reads (never an error); height -1 when the header is missing (a
+    PNG without IHDR, a JPEG without a frame header); scans: a JPEG's SOS markers (0 for PNG;
+    in entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker)."""
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
     is_png = tf.logical_and(
         tf.equal(tf.strings.substr(encoded, 0, len(PNG_MAGIC)), PNG_MAGIC),
@@ -485,8 +496,12 @@ def _read_header(encoded: tf.Tensor) -> tf.Tensor:
     zero = tf.zeros((2,), tf.int64)
     png = tf.cond(is_png, lambda: data.png_size(encoded, missing=-1), lambda: zero)
     jpeg = tf.cond(is_jpeg, lambda: data.jpeg_size(encoded, missing=-1), lambda: zero)
-    size = jpeg + png
-    return tf.concat([tf.cast(fmt, tf.int64)[None], size], 0)
+    scans = tf.cond(
+        is_jpeg,
+        lambda: tf.size(tf.strings.split(encoded, sep=b"\xff\xda"), out_type=tf.int64) - 1,
+        lambda: tf.constant(0, tf.int64),
+    )
+    return tf.concat([tf.cast(fmt, tf.int64)[None], jpeg + png, scans[None]], 0)
 
 
 # ------------------------------------------------------------------------------------------------
