@@ -420,17 +420,40 @@ def _shown_region(image, orientation, window_fn):
     return orient(image[top : top + rh, left : left + rw], orientation)
 
 
-def composite(rgba: tf.Tensor) -> tf.Tensor:
-    """uint8 HxWx4 -> HxWx3 over ALPHA_BACKGROUND, rounded to nearest; opaque pixels keep their
-    values exactly. In uint16: rgb * a + background * (255 - a) <= 255 * 255."""
+def composite(rgba: tf.Tensor, window=None) -> tf.Tensor:
+    """uint8 HxWx4 -> HxWx3 over ALPHA_BACKGROUND, round(rgb x a + background x (1 - a))
+    exactly; opaque pixels keep their values. With window (top, left, height, width), only that
+    region, which is then never copied whole in 4 channels.
 
-    def blend():
-        rgb = tf.cast(rgba[..., :3], tf.uint16)
-        alpha = tf.cast(rgba[..., 3:], tf.uint16)
-        out = (rgb * alpha + ALPHA_BACKGROUND * (255 - alpha) + 127) // 255
-        return tf.cast(out, tf.uint8)
+    In uint16, 64 rows at a time, so that the 16-bit copies stay small whatever the image:
+    (rgb - background) x a wraps modulo 2^16, but rgb x a + background x (255 - a) + 127 is
+    below 2^16, so the modular sum is that exact value.
+    """
+    rows = 64
+    if window is None:
+        top, left, height, width = 0, 0, tf.shape(rgba)[0], tf.shape(rgba)[1]
+    else:
+        top, left, height, width = window
 
-    return tf.cond(tf.reduce_all(tf.equal(rgba[..., 3], 255)), lambda: rgba[..., :3], blend)
+    def blend(block):
+        rgb = tf.cast(block[..., :3], tf.uint16)
+        alpha = tf.cast(block[..., 3:], tf.uint16)
+        out = (rgb - ALPHA_BACKGROUND) * alpha + (ALPHA_BACKGROUND * 255 + 127)
+        return tf.cast(out // 255, tf.uint8)
+
+    def blend_all():
+        def step(i, parts):
+            start = top + i * rows
+            stop = top + tf.minimum((i + 1) * rows, height)
+            return i + 1, parts.write(i, blend(rgba[start:stop, left : left + width]))
+
+        blocks = (height + rows - 1) // rows
+        parts = tf.TensorArray(tf.uint8, size=blocks, infer_shape=False)
+        _, parts = tf.while_loop(lambda i, parts: i < blocks, step, (tf.constant(0), parts))
+        return tf.reshape(parts.concat(), tf.stack([height, width, 3]))
+
+    opaque = tf.reduce_all(tf.equal(rgba[top : top + height, left : left + width, 3], 255))
+    return tf.cond(opaque, lambda: rgba[top : top + height, left : left + width, :3], blend_all)
 
 
 def _decode_jpeg(encoded, ratio):
@@ -459,7 +482,9 @@ def _decode(encoded, ratio_fn, window_fn) -> tf.Tensor:
 
     def png():
         rgba = tf.io.decode_png(encoded, channels=4)
-        return composite(_shown_region(rgba, tf.constant(1), window_fn))
+        if window_fn is None:
+            return composite(rgba)
+        return composite(rgba, window_fn(tf.shape(rgba)[0], tf.shape(rgba)[1]))
 
     def other():
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
