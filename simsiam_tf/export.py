@@ -8,11 +8,12 @@
       .tmp-3-XXXXXX/          a version being written: renamed to 3/ once complete and verified
 
 Signatures (tag "serve"); every one applies the evaluation-time preprocessing of the run
-(`data.eval_preprocess`: resize, or resize the shorter side and centre-crop) and then the
-backbone with BatchNorm in inference mode:
+(`data.eval_preprocess`: cut the centre region evaluation keeps, resize it) and then the
+backbone with BatchNorm in inference mode; serving_bytes decodes as evaluation decodes files
+(`data.decode_eval`: EXIF orientation, transparency over white, a large JPEG at a DCT scale):
 
     serving_default   images        uint8   [batch, height, width, 3], any height and width
-    serving_float     images        float32 [batch, height, width, 3], values 0-255
+    serving_float     images        float32 [batch, height, width, 3], values 0-255 (not 0-1)
     serving_bytes     image_bytes   string  [batch], encoded JPEG or PNG (REST: {"b64": ...})
 
     outputs           embedding             float32 [batch, C]  the backbone's pooled features
@@ -23,12 +24,15 @@ backbone with BatchNorm in inference mode:
 Inputs are declared with unknown rank on purpose: TF Serving feeds a request's tensor to the
 graph without checking it against the declared shape, so every check is an op in the graph
 (tf.debugging asserts, run before anything that depends on them). A bad request therefore gets
-an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cli` and Python:
-an empty batch or one above `max_batch`, a wrong rank or channel count, non-finite floats, bytes
-that are not a JPEG or PNG, a corrupt or truncated file, and an image above `max_pixels`. The
-pixel count of an encoded image is read from its header (JPEG: `tf.io.extract_jpeg_shape`;
-PNG: the IHDR chunk) before anything is decoded, so a small file that declares a huge image
-allocates nothing.
+an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cli` and Python,
+whose message names the first offending image by its index: an empty batch or one above
+`max_batch`, a wrong rank or channel count, non-finite floats, bytes that are not a JPEG or PNG,
+an image above `max_pixels` or more elongated than MAX_ASPECT_RATIO, a request above
+`max_request_pixels`, a corrupt or truncated file. The size of an encoded image is read from
+its header (the PNG IHDR chunk; the JPEG frame header, found by following the marker segments)
+by bounds-checked byte reads before anything is decoded, so a small file that declares a huge
+image allocates nothing, and what an accepted one costs is bounded by the limits, whose
+defaults follow image_size (docs/SERVING.md, "Memory").
 """
 
 from __future__ import annotations
@@ -61,21 +65,70 @@ EMBEDDING_NORMALIZED = "embedding_normalized"
 PROJECTION = "projection"
 SIGNATURE_INPUTS = {SERVING_DEFAULT: IMAGES, SERVING_FLOAT: IMAGES, SERVING_BYTES: IMAGE_BYTES}
 
-# Largest image, in pixels (height x width), any signature accepts: 40 megapixels covers phone
-# and most camera photos (8K UHD is 33 MP). An image in flight costs about 27 bytes per pixel
-# (uint8 + the float32 copies of eval_preprocess), about 1.1 GB at this limit, and
-# serving_bytes decodes DECODE_PARALLELISM images of a request at a time.
-DEFAULT_MAX_PIXELS = 40_000_000
-DECODE_PARALLELISM = 2
-# Largest batch any signature accepts. Every image becomes image_size^2 x 3 floats whatever its
-# own size, so without it a request of many tiny images (a 1x1 PNG is 70 bytes) would allocate
-# far more than it carries.
+# Limits of a request, fixed at export time. Their defaults follow the model's input size
+# (image_size), measured in docs/SERVING.md ("Memory"): at 224 px, 12.8 MP per image (a
+# 12-megapixel phone photo), 4 images per request; at 32 px, 1 MP and 256 images.
+PIXELS_PER_OUTPUT_PIXEL = 256  # default max_pixels: this many x image_size^2 ...
+MIN_MAX_PIXELS = 1_000_000  # ... and at least one megapixel
+REQUEST_PIXELS_PER_IMAGE = 4  # default max_request_pixels: this many x max_pixels
+# Largest batch (at 32 px and below): every image becomes image_size^2 x 3 floats, and the
+# backbone's activations, whatever its own size, so a request of many tiny images (a 1x1 PNG is
+# 70 bytes) costs what that many full-size images cost. Larger inputs get proportionally fewer
+# images: a power of two at most DEFAULT_MAX_BATCH x (32 / image_size)^2.
 DEFAULT_MAX_BATCH = 256
+# Longest side / shorter side of an accepted image. A resize allocates output height x input
+# width floats, so this bounds it by image_size x sqrt(max_pixels x MAX_ASPECT_RATIO); a phone
+# panorama is up to about 10:1.
+MAX_ASPECT_RATIO = 16
+# Most scans (SOS markers) of an accepted JPEG: libjpeg's progressive modes write about 10, and
+# each scan is another pass over the image's coefficients, so a small file of thousands of scans
+# would cost seconds of CPU.
+MAX_JPEG_SCANS = 100
+# serving_bytes decodes this many images of a request at a time: memory in flight is one image.
+DECODE_PARALLELISM = 1
+JPEG_MAGIC = data.JPEG_MAGIC  # the first bytes of the only formats serving_bytes accepts
+PNG_MAGIC = data.PNG_MAGIC
+
+
+def default_max_pixels(image_size: int) -> int:
+    """The default largest image (height x width) of an export whose input is image_size."""
+    return max(MIN_MAX_PIXELS, PIXELS_PER_OUTPUT_PIXEL * image_size**2)
+
+
+def default_max_batch(image_size: int) -> int:
+    """The default largest batch of an export whose input is image_size."""
+    budget = DEFAULT_MAX_BATCH * 32**2 // image_size**2
+    return int(min(DEFAULT_MAX_BATCH, 2 ** max(0, budget.bit_length() - 1)))
+
+
+def resolve_limits(
+    image_size: int,
+    max_pixels: Optional[int] = None,
+    max_batch: Optional[int] = None,
+    max_request_pixels: Optional[int] = None,
+) -> dict:
+    """The limits of an export: those given, the defaults for image_size for those None."""
+    max_pixels = default_max_pixels(image_size) if max_pixels is None else int(max_pixels)
+    max_batch = default_max_batch(image_size) if max_batch is None else int(max_batch)
+    if max_request_pixels is None:
+        max_request_pixels = REQUEST_PIXELS_PER_IMAGE * max_pixels
+    limits = dict(
+        max_pixels=max_pixels, max_batch=max_batch, max_request_pixels=int(max_request_pixels)
+    )
+    for name, value in limits.items():
+        if value < 1:
+            what = "images" if name == "max_batch" else "pixels"
+            raise ExportError(f"{name}={value} must be a positive number of {what}")
+    if limits["max_request_pixels"] < max_pixels:
+        raise ExportError(
+            f"max_request_pixels={max_request_pixels} is below max_pixels={max_pixels}: a "
+            "request of one image of the largest accepted size would be refused"
+        )
+    return limits
+
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "simsiam_export.json"
-JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of the only formats serving_bytes accepts
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class ExportError(ValueError):
@@ -177,23 +230,19 @@ def _restore_from_checkpoint(config: ml_collections.ConfigDict, workdir: str):
 # The serving graph.
 
 
-def _header_size_png(encoded: tf.Tensor) -> tf.Tensor:
-    """(height, width) from a PNG's IHDR chunk (big-endian at bytes 16-23), as int64."""
-    ok = tf.debugging.Assert(
-        tf.logical_and(
-            tf.strings.length(encoded) >= 24, tf.strings.substr(encoded, 12, 4) == b"IHDR"
-        ),
-        ["image_bytes: truncated PNG (no IHDR header)"],
-    )
-    with tf.control_dependencies([ok]):
-        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8), tf.int64)
-    big_endian = lambda b: ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]
-    return tf.stack([big_endian(raw[4:8]), big_endian(raw[0:4])])
-
-
-def _header_size_jpeg(encoded: tf.Tensor) -> tf.Tensor:
-    """(height, width) from a JPEG's frame header; InvalidArgument when there is none."""
-    return tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64)
+def _refuse_first(bad: tf.Tensor, what: str, message: str, *values) -> tf.Operation:
+    """An InvalidArgument assertion that names the first image i with bad[i]: "what[i]: message",
+    each {} of message replaced by one of values (indexed by i, or a scalar; numbers or text)."""
+    index = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+    texts = [tf.strings.as_string(index)]
+    for v in values:
+        v = v if v.shape.rank == 0 else tf.gather(v, index)
+        texts.append(v if v.dtype == tf.string else tf.strings.as_string(v))
+    parts = (what + "[{}]: " + message).split("{}")
+    pieces = [parts[0]]
+    for text, part in zip(texts, parts[1:]):
+        pieces += [text, part]
+    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.join(pieces)])
 
 
 INPUT_SPECS = {
@@ -201,6 +250,7 @@ INPUT_SPECS = {
     SERVING_FLOAT: tf.TensorSpec(None, tf.float32, name=IMAGES),
     SERVING_BYTES: tf.TensorSpec(None, tf.string, name=IMAGE_BYTES),
 }
+_JPEG, _PNG = 1, 2  # formats of serving_bytes (0: neither)
 
 
 class ServingFunctions:
@@ -208,26 +258,27 @@ class ServingFunctions:
 
     Args:
       encoder: the trained encoder and its preprocessing.
-      max_pixels: largest height x width of one image.
-      max_batch: largest number of images in one call.
+      max_pixels: largest height x width of one image (default: `default_max_pixels`).
+      max_batch: largest number of images in one call (default: `default_max_batch`).
+      max_request_pixels: largest sum of height x width over the images of one call (default
+        REQUEST_PIXELS_PER_IMAGE x max_pixels).
     """
 
     def __init__(
         self,
         encoder: Encoder,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_batch: int = DEFAULT_MAX_BATCH,
+        max_pixels: Optional[int] = None,
+        max_batch: Optional[int] = None,
+        max_request_pixels: Optional[int] = None,
     ):
-        if max_pixels < 1:
-            raise ExportError(f"max_pixels={max_pixels} must be a positive number of pixels")
-        if max_batch < 1:
-            raise ExportError(f"max_batch={max_batch} must be a positive number of images")
+        limits = resolve_limits(encoder.image_size, max_pixels, max_batch, max_request_pixels)
         self.backbone = encoder.backbone
         self.projector = encoder.projector
         self.image_size = encoder.image_size
         self.crop_fraction = encoder.crop_fraction
-        self.max_pixels = int(max_pixels)
-        self.max_batch = int(max_batch)
+        self.max_pixels = limits["max_pixels"]
+        self.max_batch = limits["max_batch"]
+        self.max_request_pixels = limits["max_request_pixels"]
 
     def _embed(self, preprocessed):
         return _outputs(self.backbone, self.projector, preprocessed)
@@ -246,37 +297,74 @@ class ServingFunctions:
             ),
         ]
 
-    def _check_pixels(self, height, width, what: str) -> list:
+    def _check_sizes(self, height, width, what: str) -> list:
+        """Checks of the [n] heights and widths (int64) of a request's images, each refusal
+        naming the first image it concerns: both at least 1, height x width within max_pixels,
+        the aspect ratio within MAX_ASPECT_RATIO, and the running sum of pixels within
+        max_request_pixels. Nothing larger than the request's images is computed."""
+        pixels = height * width  # int64: no overflow for sizes up to 2^31
+        longer, shorter = tf.maximum(height, width), tf.minimum(height, width)
+        total = tf.cumsum(pixels)
         return [
-            tf.debugging.assert_positive(height, message=f"{what}: height must be at least 1"),
-            tf.debugging.assert_positive(width, message=f"{what}: width must be at least 1"),
-            tf.debugging.assert_less_equal(
-                height * width,
-                tf.constant(self.max_pixels, tf.int64),
-                message=f"{what}: image larger than the {self.max_pixels} pixels (height x width) "
-                "this export accepts",
+            _refuse_first(
+                tf.logical_or(height < 1, width < 1),
+                what,
+                "empty image ({} x {}); height and width must be at least 1",
+                height,
+                width,
+            ),
+            _refuse_first(
+                pixels > self.max_pixels,
+                what,
+                "image of {} x {} pixels larger than the "
+                f"{self.max_pixels} pixels (height x width) this export accepts",
+                height,
+                width,
+            ),
+            _refuse_first(
+                longer > MAX_ASPECT_RATIO * shorter,
+                what,
+                "image of {} x {} pixels more elongated than the "
+                f"{MAX_ASPECT_RATIO}:1 aspect ratio this export accepts",
+                height,
+                width,
+            ),
+            _refuse_first(
+                total > self.max_request_pixels,
+                what,
+                "the images up to this one hold {} pixels, more than the "
+                f"{self.max_request_pixels} this export accepts in one request; split the "
+                "request",
+                total,
             ),
         ]
 
-    def _checked_batch(self, images):
-        """images with its shape checked at run time: [batch >= 1, height, width, 3] within
-        max_pixels; static shape [None, None, None, 3] from then on."""
+    def _checked_batch(self, images, what: str = IMAGES):
+        """images with its shape checked at run time: [batch >= 1, height, width, 3] within the
+        limits; static shape [None, None, None, 3] from then on."""
         rank = tf.debugging.assert_rank(
-            images, 4, message="images must be a batch [batch, height, width, 3]"
+            images, 4, message=f"{what} must be a batch [batch, height, width, 3]"
         )
+        # The runtime may evaluate the shape of a wrong-rank input ahead of the rank assertion
+        # (Grappler folds it to a constant): the shape checked below is then a valid stand-in,
+        # so that only the rank assertion fails, and no slice of the shape can fail at all.
         with tf.control_dependencies([rank]):
-            shape = tf.shape(images, out_type=tf.int64)
+            padded = tf.concat([tf.shape(images, out_type=tf.int64), tf.zeros(4, tf.int64)], 0)
+        rank_ok = tf.equal(tf.rank(images), 4)
+        shape = tf.where(rank_ok, padded[:4], tf.constant([1, 1, 1, 3], tf.int64))
         checks = [
             tf.debugging.assert_equal(
-                shape[3], tf.constant(3, tf.int64), message="images must have 3 channels (RGB)"
+                shape[3], tf.constant(3, tf.int64), message=f"{what} must have 3 channels (RGB)"
             ),
-            *self._check_batch_size(shape[0], "images"),
-            *self._check_pixels(shape[1], shape[2], "images"),
+            *self._check_batch_size(shape[0], what),
         ]
         with tf.control_dependencies(checks):
-            images = tf.identity(images)
-        images.set_shape((None, None, None, 3))
-        return images
+            n = tf.maximum(shape[0], 1)  # all images of a dense batch share one size
+            height, width = tf.fill([n], shape[1]), tf.fill([n], shape[2])
+        with tf.control_dependencies(self._check_sizes(height, width, what)):
+            # A reshape (no copy) rather than set_shape: Grappler would read a static shape set
+            # on the input's identity back onto the input and fold the checks above away.
+            return tf.reshape(images, tf.stack([-1, shape[1], shape[2], 3]))
 
     def serving_default(self, images):
         images = self._checked_batch(images)
@@ -284,50 +372,136 @@ class ServingFunctions:
 
     def serving_float(self, images):
         images = self._checked_batch(images)
-        finite = tf.debugging.assert_all_finite(images, "images must be finite (no NaN or inf)")
+        finite = tf.reduce_all(tf.math.is_finite(images), axis=(1, 2, 3))
+        check = _refuse_first(
+            tf.logical_not(finite), IMAGES, "not finite (NaN or inf); images must be finite"
+        )
+        with tf.control_dependencies([check]):
+            region = data.eval_region(images, self.crop_fraction)
         # Clipped to the uint8 range and not rounded: integer-valued input gives exactly what
-        # the same pixels give as uint8 through serving_default.
-        images = tf.clip_by_value(finite, 0.0, 255.0)
-        return self._embed(data.eval_preprocess(images, self.image_size, self.crop_fraction))
+        # the same pixels give as uint8 through serving_default. Only the region is clipped
+        # (clipping is per pixel, so the result is that of eval_preprocess on clipped images).
+        region = tf.clip_by_value(region, 0.0, 255.0)
+        return self._embed(data.eval_resize(region, self.image_size))
 
     def serving_bytes(self, image_bytes):
         rank = tf.debugging.assert_rank(
             image_bytes, 1, message="image_bytes must be a batch [batch] of encoded images"
         )
         with tf.control_dependencies([rank]):
-            count = tf.size(image_bytes)
-        with tf.control_dependencies(self._check_batch_size(count, "image_bytes")):
+            count = tf.size(image_bytes, out_type=tf.int64)
+        with tf.control_dependencies(self._check_batch_size(count, IMAGE_BYTES)):
             image_bytes = tf.reshape(image_bytes, [-1])
-        size = self.image_size
-        images = tf.map_fn(
-            self._decode_one,
-            image_bytes,
-            fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32),
-            parallel_iterations=DECODE_PARALLELISM,
+        # Every image's format and size are read from its header first, none decoded.
+        headers = tf.map_fn(
+            _read_header, image_bytes, fn_output_signature=tf.TensorSpec((4,), tf.int64)
         )
-        return self._embed(images)
+        fmt, height, width, scans = headers[:, 0], headers[:, 1], headers[:, 2], headers[:, 3]
+        length = tf.strings.length(image_bytes)
+        checks = [
+            _refuse_first(
+                tf.equal(fmt, 0),
+                IMAGE_BYTES,
+                "not a JPEG or PNG image ({} bytes); only JPEG and PNG are accepted",
+                length,
+            ),
+            _refuse_first(
+                tf.logical_and(tf.equal(fmt, _PNG), tf.logical_or(length < 33, height < 0)),
+                IMAGE_BYTES,
+                "truncated PNG (no IHDR header; {} bytes)",
+                length,
+            ),
+            _refuse_first(
+                tf.logical_and(tf.equal(fmt, _JPEG), height < 0),
+                IMAGE_BYTES,
+                "JPEG without a frame header (SOF) before its first scan ({} bytes)",
+                length,
+            ),
+            _refuse_first(
+                scans > MAX_JPEG_SCANS,
+                IMAGE_BYTES,
+                f"JPEG of {{}} scans, more than the {MAX_JPEG_SCANS} this export accepts",
+                scans,
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            size_checks = self._check_sizes(height, width, IMAGE_BYTES)
+        with tf.control_dependencies(size_checks):
+            index = tf.range(count)
+        return self._embed(self._decode_all(index, image_bytes, fmt, height, width))
 
-    def _decode_one(self, encoded):
-        """One encoded image -> preprocessed float size x size x 3, its header checked first."""
-        is_jpeg = tf.strings.substr(encoded, 0, len(JPEG_MAGIC)) == JPEG_MAGIC
-        is_png = tf.strings.substr(encoded, 0, len(PNG_MAGIC)) == PNG_MAGIC
-        # decode_image also reads GIF, BMP, WebP and JPEG XL: refused here, so no format whose
-        # size is not checked first reaches a decoder.
-        known = tf.debugging.Assert(
-            tf.logical_or(is_jpeg, is_png),
-            [
-                "image_bytes: not a JPEG or PNG image (",
-                tf.strings.length(encoded),
-                "bytes); only JPEG and PNG are accepted",
-            ],
-        )
-        with tf.control_dependencies([known]):
-            hw = tf.cond(
-                is_jpeg, lambda: _header_size_jpeg(encoded), lambda: _header_size_png(encoded)
+    def _decode_all(self, index, image_bytes, fmt, height, width):
+        """The checked images decoded and preprocessed, DECODE_PARALLELISM at a time; a decoder
+        error is reported with the index of its image (tf.data skips the image, and the first
+        image missing from the result is named)."""
+        size, crop = self.image_size, self.crop_fraction
+
+        def decode(i, encoded, f, h, w):
+            # libjpeg must read the size the header check read, or nothing is decoded.
+            shape = tf.cond(
+                tf.equal(f, _JPEG),
+                lambda: tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64),
+                lambda: tf.stack([h, w]),
             )
-        with tf.control_dependencies(self._check_pixels(hw[0], hw[1], "image_bytes")):
-            image = data.decode_rgb(encoded)
-        return data.eval_preprocess(image, self.image_size, self.crop_fraction)
+            same = tf.debugging.assert_equal(shape, tf.stack([h, w]))
+            with tf.control_dependencies([same]):
+                return i, data.decode_eval(encoded, size, crop)
+
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        options.experimental_optimization.apply_default_optimizations = False
+        decoded = (
+            tf.data.Dataset.from_tensor_slices((index, image_bytes, fmt, height, width))
+            .map(decode, num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
+            .ignore_errors(log_warning=False)
+        )
+        # One placeholder row after the images, so the batch below is never empty.
+        placeholder = tf.data.Dataset.from_tensors(
+            (tf.constant(-1, tf.int64), tf.zeros((size, size, 3), tf.float32))
+        )
+        got, images = (
+            decoded.concatenate(placeholder)
+            .batch(self.max_batch + 1)
+            .with_options(options)
+            .get_single_element()
+        )
+        # got is index's prefix with the failed images left out: the first gap is the first.
+        got = got[:-1]
+        missing = tf.logical_not(tf.reduce_any(tf.equal(index[:, None], got[None, :]), axis=1))
+        names = tf.gather(tf.constant(["", "JPEG", "PNG"]), fmt)
+        failed = _refuse_first(
+            missing,
+            IMAGE_BYTES,
+            "corrupt or truncated {} data: the decoder failed (or read another size than "
+            "the header check)",
+            names,
+        )
+        with tf.control_dependencies([failed]):
+            images = tf.identity(images[:-1])
+        images.set_shape((None, size, size, 3))
+        return images
+
+
+def _read_header(encoded: tf.Tensor) -> tf.Tensor:
+    """[format (0 neither, 1 JPEG, 2 PNG), height, width, scans] int64 of one encoded image,
+    read by bounds-safe byte reads (never an error); height -1 when the header is missing (a
+    PNG without IHDR, a JPEG without a frame header); scans: a JPEG's SOS markers (0 for PNG;
+    in entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker)."""
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    is_png = tf.logical_and(
+        tf.equal(tf.strings.substr(encoded, 0, len(PNG_MAGIC)), PNG_MAGIC),
+        tf.logical_not(is_jpeg),
+    )
+    fmt = tf.where(is_jpeg, _JPEG, tf.where(is_png, _PNG, 0))
+    zero = tf.zeros((2,), tf.int64)
+    png = tf.cond(is_png, lambda: data.png_size(encoded, missing=-1), lambda: zero)
+    jpeg = tf.cond(is_jpeg, lambda: data.jpeg_size(encoded, missing=-1), lambda: zero)
+    scans = tf.cond(
+        is_jpeg,
+        lambda: tf.size(tf.strings.split(encoded, sep=b"\xff\xda"), out_type=tf.int64) - 1,
+        lambda: tf.constant(0, tf.int64),
+    )
+    return tf.concat([tf.cast(fmt, tf.int64)[None], jpeg + png, scans[None]], 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,8 +615,9 @@ def export(
     export_dir: str,
     version: Optional[int] = None,
     projection: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_pixels: Optional[int] = None,
+    max_batch: Optional[int] = None,
+    max_request_pixels: Optional[int] = None,
     check: bool = True,
 ) -> str:
     """Exports a run as version `version` (default: one past the highest) of the model whose
@@ -466,7 +641,7 @@ def export(
             f"the next free one ({(existing[-1] + 1) if existing else 1})"
         )
     encoder = load_encoder(workdir, projection)
-    functions = ServingFunctions(encoder, max_pixels, max_batch)
+    functions = ServingFunctions(encoder, max_pixels, max_batch, max_request_pixels)
     metadata = {
         "workdir": os.path.abspath(workdir),
         "weights": encoder.source,
@@ -475,6 +650,8 @@ def export(
         "eval_crop_fraction": encoder.crop_fraction,
         "max_pixels": functions.max_pixels,
         "max_batch": functions.max_batch,
+        "max_request_pixels": functions.max_request_pixels,
+        "max_aspect_ratio": MAX_ASPECT_RATIO,
         "embedding_dim": int(encoder.backbone.output.shape[-1]),
         "outputs": [EMBEDDING, EMBEDDING_NORMALIZED] + ([PROJECTION] if projection else []),
         "signatures": {s: SIGNATURE_INPUTS[s] for s in SIGNATURES},

@@ -8,7 +8,14 @@ alone (no simsiam_tf import) and answers the request files it is given:
 
 KIND is npy (a .npy input for SIGNATURE), rest (a JSON body) or grpc (a serialized
 PredictRequest); OUT.npz gets NAME/OUTPUT arrays, and NAME/error with the message when the
-model refused the request.
+model refused the request. With --measure it answers one .npy request and prints what it cost:
+
+    python -m tests.export_helpers --measure SAVED_MODEL SIGNATURE FILE.npy [SIGNATURE FILE.npy]
+    # [{"extra_mb": ..., "seconds": ..., "error": null or the message, "error_type": ...}]
+
+extra_mb is the peak resident memory during the request (VmHWM, reset before it) less the
+resident memory before it, after the export is loaded and has answered a warm-up request of
+each signature asked, as TF Serving's warm-up leaves it.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import base64
 import io
 import json
 import os
+import resource
 import struct
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -76,7 +85,24 @@ def encoder(tmp_path_factory, projection: bool = False):
 
 
 def reference_from_bytes(enc, encoded) -> dict:
-    """The in-memory encoder on encoded images: decode, then the evaluation-time path."""
+    """The in-memory encoder on encoded images as evaluation embeds them (data.decode_eval)."""
+    from simsiam_tf import data, export
+
+    rows = [
+        export._outputs(
+            enc.backbone,
+            enc.projector,
+            data.decode_eval(e, enc.image_size, enc.crop_fraction)[None],
+        )
+        for e in encoded
+    ]
+    return {k: np.concatenate([r[k].numpy() for r in rows]) for k in rows[0]}
+
+
+def reference_from_pixels(enc, encoded) -> dict:
+    """The in-memory encoder on the pixels of encoded images (data.decode_rgb, full size), as a
+    client sends them to serving_default: a JPEG that serving_bytes decodes at a DCT scale
+    embeds slightly differently this way."""
     from simsiam_tf import data
 
     rows = [enc(data.decode_rgb(e)[None]) for e in encoded]
@@ -108,9 +134,45 @@ def encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
 
 
 def jpeg_with_size(jpeg: bytes, height: int, width: int) -> bytes:
-    """A real baseline JPEG whose SOF0 frame header is patched to declare height x width."""
-    sof = jpeg.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    """A real JPEG whose frame header (SOF0 baseline or SOF2 progressive) is patched to declare
+    height x width: libjpeg decodes the missing rows as flat grey."""
+    sof = jpeg.find(b"\xff\xc0")
+    sof = jpeg.index(b"\xff\xc2") if sof < 0 else sof
+    # marker (2), length (2), precision (1), height (2), width (2)
     return jpeg[: sof + 5] + struct.pack(">HH", height, width) + jpeg[sof + 9 :]
+
+
+def flat_jpeg(progressive: bool = False) -> bytes:
+    """A 16 x 16 grey JPEG, 4:2:0, a few hundred bytes: the body of jpeg_with_size's lies."""
+    return encode(np.full((16, 16, 3), 128, np.uint8), "JPEG", progressive=progressive)
+
+
+def flat_png(height: int, width: int, mode: str = "RGB") -> bytes:
+    """A real PNG of height x width zeros (RGB, or RGBA: fully transparent), which zlib packs
+    into about 1 KB per megapixel."""
+    from PIL import Image
+
+    channels = {"RGB": 3, "RGBA": 4}[mode]
+    buf = io.BytesIO()
+    image = Image.fromarray(np.zeros((height, width, channels), np.uint8), mode)
+    image.save(buf, "PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def with_exif_orientation(jpeg: bytes, orientation: int, big_endian: bool = False) -> bytes:
+    """The JPEG with an APP1 Exif segment (IFD0: Orientation) inserted after its SOI, in the
+    TIFF byte order asked, behind an XMP APP1 segment as cameras write them."""
+    e = ">" if big_endian else "<"
+    tiff = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(e + "I", 8)
+    entries = [(0x010F, 2, 4, b"cam\x00"), (0x0112, 3, 1, struct.pack(e + "HH", orientation, 0))]
+    tiff += struct.pack(e + "H", len(entries))
+    for tag, kind, count, value in entries:
+        tiff += struct.pack(e + "HHI", tag, kind, count) + value
+    tiff += struct.pack(e + "I", 0)
+    exif = b"Exif\x00\x00" + tiff
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>"
+    segment = lambda body: b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+    return jpeg[:2] + segment(xmp) + segment(exif) + jpeg[2:]
 
 
 def png_with_size(png: bytes, height: int, width: int) -> bytes:
@@ -206,5 +268,85 @@ def _main(argv) -> None:
     np.savez(out, **results)
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak() -> float:
+    """Resets the process's peak resident memory to its current value (Linux: clear_refs 5);
+    returns the current value in MB. Without it the peak would still hold TensorFlow's load,
+    which can exceed what a request adds, and hide it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mb("VmRSS")
+    except OSError:  # not Linux: the rise of the lifetime peak, a lower bound
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mb() -> float:
+    try:
+        return _status_mb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure(saved_model: str, requests: list) -> None:
+    loaded = tf.saved_model.load(saved_model)
+    for signature in sorted({s for s, _ in requests}):  # as TF Serving's warm-up leaves it
+        spec = _input_spec(loaded, signature)
+        warmup = np.zeros((1, 8, 8, 3), np.uint8)
+        if signature == "serving_bytes":
+            warmup = np.array([tf.io.encode_png(warmup[0]).numpy()], object)
+        loaded.signatures[signature](**{spec.name: tf.constant(warmup, spec.dtype)})
+    results = []
+    for signature, path in requests:
+        spec = _input_spec(loaded, signature)
+        value = tf.constant(np.load(path, allow_pickle=True), spec.dtype)
+        before, start = _reset_peak(), time.perf_counter()
+        result = {"error": None, "error_type": None}
+        try:
+            loaded.signatures[signature](**{spec.name: value})
+        except Exception as err:  # noqa: BLE001 - the type is part of the answer
+            result["error_type"] = type(err).__name__
+            result["error"] = getattr(err, "message", str(err))
+        result.update(seconds=time.perf_counter() - start, extra_mb=_peak_mb() - before)
+        results.append(result)
+        del value
+    print(json.dumps(results))
+
+
+def measure(saved_model: str, requests: list, tmp_path, timeout: float = 300) -> list:
+    """Requests [(signature, value)] answered one after the other in one fresh process:
+    [{extra_mb, seconds, error, error_type}]. The peak is reset before each request, but memory
+    a request leaves to the allocator can serve the next: give a costly request a process of
+    its own."""
+    import subprocess
+    import tempfile
+
+    args = []
+    for signature, value in requests:
+        fd, path = tempfile.mkstemp(suffix=".npy", dir=str(tmp_path))
+        os.close(fd)
+        np.save(path, value, allow_pickle=True)
+        args += [signature, path]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.export_helpers", "--measure", saved_model, *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
-    _main(sys.argv)
+    if sys.argv[1] == "--measure":
+        _measure(sys.argv[2], list(zip(sys.argv[3::2], sys.argv[4::2])))
+    else:
+        _main(sys.argv)

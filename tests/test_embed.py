@@ -33,6 +33,8 @@ def folder(tmp_path):
     photo.resize((64, 40)).save(other / "flower.gif")
     photo.resize((50, 30)).save(other / "flower.bmp")
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (root / "signature.png").write_bytes(b"\x89PNG\r\n\x1a\n\0")  # 9 bytes
+    Image.new("RGB", (2000, 1)).save(root / "thin.png")  # 1 x 2000: beyond the aspect bound
     (root / "readme.txt").write_text("not an image")
     return root
 
@@ -55,7 +57,10 @@ def test_embed_folder_then_query(saved_model, enc, folder, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Skipped" in proc.stderr and "broken.png" in proc.stderr
+    for name in ("broken.png", "signature.png", "thin.png"):
+        assert f"Skipped {folder / name}" in proc.stderr
+    assert "image_bytes[0]: truncated PNG" in proc.stderr
+    assert "more elongated than the 16:1 aspect ratio" in proc.stderr
 
     with open(prefix + ".csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -77,7 +82,7 @@ def test_embed_folder_then_query(saved_model, enc, folder, tmp_path):
     np.testing.assert_allclose(
         embeddings, _reference(enc, [folder / n for n in names]), atol=ATOL, rtol=0
     )
-    assert "9 of 10 images embedded" in proc.stdout
+    assert "9 of 12 images embedded" in proc.stdout
 
     lines = proc.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("3 nearest to"))

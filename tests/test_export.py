@@ -2,8 +2,10 @@
 fresh process and through saved_model_cli, and hostile input refused with InvalidArgument."""
 
 import hashlib
+import io
 import json
 import os
+import re
 import resource
 import shutil
 import struct
@@ -140,7 +142,10 @@ def test_metadata_and_missing_weights(run, saved_model, tmp_path):
     assert meta["version"] == 1 and meta["image_size"] == 16
     assert meta["weights"].endswith("backbone.weights.h5")
     assert meta["outputs"] == [export.EMBEDDING, export.EMBEDDING_NORMALIZED]
-    assert meta["max_pixels"] == export.DEFAULT_MAX_PIXELS
+    # The defaults of a 16 px model: 1 MP per image, 256 images, 4 MP per request.
+    assert meta["max_pixels"] == export.default_max_pixels(16) == 1_000_000
+    assert meta["max_batch"] == export.default_max_batch(16) == 256
+    assert meta["max_request_pixels"] == 4_000_000 and meta["max_aspect_ratio"] == 16
     assert meta["config"]["model"]["backbone"] == "cnn_small"
 
     unfinished = tmp_path / "unfinished"
@@ -262,7 +267,7 @@ def test_centre_crop_preprocessing_any_size(run, tmp_path):
     assert enc.crop_fraction == 0.875
     serve = tf.saved_model.load(path).signatures
     rng = np.random.default_rng(3)
-    for shape in ((1, 37, 23, 3), (2, 16, 16, 3), (1, 5, 90, 3), (1, 1, 1, 3)):
+    for shape in ((1, 37, 23, 3), (2, 16, 16, 3), (1, 5, 80, 3), (1, 1, 1, 3)):
         images = rng.integers(0, 256, shape, dtype=np.uint8)
         _assert_close(serve["serving_default"](images=tf.constant(images)), enc(images))
         encoded = [eh.encode(im, "PNG") for im in images]
@@ -351,19 +356,35 @@ def _hostile_cases():
             np.array([eh.encode(zeros(4, 4, 3), "GIF")], object),
             "not a JPEG or PNG",
         ),
-        "truncated JPEG": ("serving_bytes", np.array([jpeg[: len(jpeg) // 2]], object), "JPEG"),
+        "truncated JPEG": (
+            "serving_bytes",
+            np.array([jpeg[: len(jpeg) // 2]], object),
+            r"image_bytes\[0\]: corrupt or truncated JPEG",
+        ),
         "JPEG header only": ("serving_bytes", np.array([jpeg[:200]], object), "JPEG"),
-        "truncated PNG": ("serving_bytes", np.array([png[: len(png) // 2]], object), "PNG"),
+        "truncated PNG": (
+            "serving_bytes",
+            np.array([png, png[: len(png) // 2]], object),
+            r"image_bytes\[1\]: corrupt or truncated PNG",
+        ),
         "PNG signature only": ("serving_bytes", np.array([png[:20]], object), "truncated PNG"),
+        **{
+            f"{n} bytes from the PNG signature": (
+                "serving_bytes",
+                np.array([png[:n]], object),
+                r"image_bytes\[0\]: truncated PNG",
+            )
+            for n in (8, 9, 10, 11, 12, 16)
+        },
         "JPEG declaring 30000x30000": (
             "serving_bytes",
             np.array([eh.jpeg_with_size(jpeg, 30000, 30000)], object),
-            "larger than the 40000000 pixels",
+            r"image_bytes\[0\]: image of 30000 x 30000 pixels larger than the 1000000 pixels",
         ),
         "PNG declaring 30000x30000": (
             "serving_bytes",
             np.array([eh.png_with_size(png, 30000, 30000)], object),
-            "larger than the 40000000 pixels",
+            "larger than the 1000000 pixels",
         ),
         "PNG declaring 2^31-1 x 2^31-1": (
             "serving_bytes",
@@ -373,7 +394,7 @@ def _hostile_cases():
         "one bad image among good ones": (
             "serving_bytes",
             np.array([png, b"\xff\xd8\xff garbage", png], object),
-            "JPEG",
+            r"image_bytes\[1\]: JPEG without a frame header",
         ),
         "too many images": (
             "serving_bytes",
@@ -418,8 +439,9 @@ def test_hostile_input_is_refused_by_the_signature(case, loaded, session_model):
     signature, value, message = HOSTILE[case]
     input_name = export.SIGNATURE_INPUTS[signature]
     peak = _peak_rss_mb()
-    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message) as err:
         loaded.signatures[signature](**{input_name: tf.constant(value)})
+    assert all(c.isprintable() or c in "\n\t" for c in err.value.message), err.value.message
     # TF Serving feeds the request to the SignatureDef's tensors in a TF1 session.
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         session_model.predict(signature, {input_name: value})
@@ -452,6 +474,365 @@ def test_limits_are_configurable(enc):
     png = eh.encode(np.zeros((11, 10, 3), np.uint8), "PNG")
     with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the 100 pixels"):
         serve_bytes(tf.constant([png]))
-    for bad in (dict(max_pixels=0), dict(max_batch=0)):
+    for bad in (dict(max_pixels=0), dict(max_batch=0), dict(max_request_pixels=0)):
         with pytest.raises(export.ExportError, match="must be a positive"):
             export.ServingFunctions(enc, **bad)
+    with pytest.raises(export.ExportError, match="below max_pixels"):
+        export.ServingFunctions(enc, max_pixels=100, max_request_pixels=99)
+    tight = export.ServingFunctions(enc, max_pixels=100, max_batch=8, max_request_pixels=250)
+    serve = tf.function(
+        tight.serving_default, input_signature=[export.INPUT_SPECS["serving_default"]]
+    )
+    assert serve(tf.zeros((2, 10, 10, 3), tf.uint8))[export.EMBEDDING].shape == (2, 32)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"images\[2\]: the images up to this one hold 300"
+    ):
+        serve(tf.zeros((3, 10, 10, 3), tf.uint8))
+
+
+def test_default_limits_follow_the_input_size():
+    assert [export.default_max_pixels(s) for s in (16, 32, 64, 224)] == [
+        1_000_000,
+        1_000_000,
+        1_048_576,
+        12_845_056,
+    ]
+    assert 4032 * 3024 <= export.default_max_pixels(224)  # a 12 MP phone photo
+    assert [export.default_max_batch(s) for s in (16, 32, 64, 96, 224, 512)] == [
+        256,
+        256,
+        64,
+        16,
+        4,
+        1,
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Small hostile requests, each answered in a fresh process with its peak memory measured, by
+# exports at 32 px (the whole image resized) and at 224 px (centre crop 0.875): refused with
+# InvalidArgument, or served within a memory bound that follows what is served.
+
+
+@pytest.fixture(scope="module")
+def sized(run, tmp_path_factory):
+    """{32: version dir, 224: version dir}: the tiny run exported with image_size 32 and
+    eval_crop_fraction 1.0, and with 224 and 0.875, at the default limits."""
+    out = {}
+    for size, crop in ((32, 1.0), (224, 0.875)):
+        workdir = tmp_path_factory.mktemp(f"run{size}")
+        shutil.copytree(run, workdir, dirs_exist_ok=True)
+        with open(workdir / "config.json") as f:
+            config = json.load(f)
+        config["data"].update(image_size=size, eval_crop_fraction=crop)
+        with open(workdir / "config.json", "w") as f:
+            json.dump(config, f)
+        out[size] = export.export(str(workdir), str(tmp_path_factory.mktemp("m") / "simsiam"))
+    return out
+
+
+def _encoder_of(version_dir):
+    with open(os.path.join(version_dir, "assets.extra", export.METADATA_FILE)) as f:
+        return export.load_encoder(json.load(f)["workdir"])
+
+
+def _bytes(*encoded):
+    return np.array(list(encoded), object)
+
+
+def _refused(result, pattern):
+    assert result["error_type"] == "InvalidArgumentError", result
+    assert re.search(pattern, result["error"]), result["error"]
+    assert all(c.isprintable() or c in "\n\t" for c in result["error"])
+    assert result["extra_mb"] < 30, result  # refused before anything in proportion is made
+
+
+def _served(result, max_mb):
+    assert result["error"] is None, result["error"]
+    assert result["extra_mb"] < max_mb and result["seconds"] < 20, result
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_thin_and_tall_images_are_refused_beyond_the_aspect_bound(sized, size, tmp_path):
+    aspect = r"more elongated than the 16:1 aspect ratio"
+    results = eh.measure(
+        sized[size],
+        [
+            ("serving_bytes", _bytes(eh.flat_png(1, 1_000_000))),  # 1 KB; was +410 MB at 32 px
+            ("serving_bytes", _bytes(eh.flat_png(1, 2000))),  # 81 bytes; was +1.57 GB at 224 px
+            ("serving_bytes", _bytes(eh.flat_png(2000, 1))),
+            ("serving_bytes", _bytes(eh.jpeg_with_size(eh.flat_jpeg(), 1, 65_500))),
+            ("serving_default", np.zeros((1, 1, 1_000_000, 3), np.uint8)),  # was 15.4 GB
+            ("serving_float", np.zeros((2, 17, 1, 3), np.float32)),
+        ],
+        tmp_path,
+    )
+    for result in results[:4]:
+        _refused(result, r"image_bytes\[0\]: image of \d+ x \d+ pixels " + aspect)
+    for result in results[4:]:
+        _refused(result, r"images\[0\]: image of \d+ x \d+ pixels " + aspect)
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_elongated_images_within_the_bound_cost_what_is_served(sized, size, tmp_path):
+    """16:1 at the largest accepted size: the resize allocates output height x input width, so
+    the bound keeps it at image_size x sqrt(16 max_pixels) floats."""
+    max_pixels = export.default_max_pixels(size)
+    height = int(np.sqrt(max_pixels / 16))
+    [wide] = eh.measure(
+        sized[size], [("serving_bytes", _bytes(eh.flat_png(height, 16 * height)))], tmp_path
+    )
+    [tall] = eh.measure(
+        sized[size],
+        [("serving_default", np.zeros((1, 16 * height, height, 3), np.uint8))],
+        tmp_path,
+    )
+    _served(wide, {32: 40, 224: 160}[size])
+    _served(tall, {32: 40, 224: 160}[size])
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_declared_sizes_below_the_limit_cost_a_bounded_amount(sized, size, tmp_path):
+    """Small files whose headers declare the largest accepted image (libjpeg decodes the
+    missing rows as flat grey): served within a bound; one pixel more, refused; a request
+    holding more than max_request_pixels, refused naming the image that crosses it."""
+    max_pixels = export.default_max_pixels(size)
+    side = int(np.sqrt(max_pixels))
+    flat, progressive = eh.flat_jpeg(), eh.flat_jpeg(progressive=True)
+    jpeg = eh.jpeg_with_size(flat, side, side)
+    budget = export.REQUEST_PIXELS_PER_IMAGE
+    over_budget = budget + 1  # images of the largest size, one more than a request may hold
+    refused = eh.measure(
+        sized[size],
+        [
+            ("serving_bytes", _bytes(eh.jpeg_with_size(flat, 6324, 6324))),  # was +593 MB
+            ("serving_bytes", _bytes(eh.jpeg_with_size(flat, side + 1, side))),
+            ("serving_bytes", _bytes(*[jpeg] * over_budget)),
+            ("serving_default", np.zeros((1, side, side, 3), np.uint8)[:, : side // 2]),
+        ],
+        tmp_path,
+    )
+    _refused(
+        refused[0], rf"image_bytes\[0\]: image of 6324 x 6324 pixels larger than the {max_pixels}"
+    )
+    _refused(refused[1], rf"larger than the {max_pixels} pixels")
+    if over_budget <= export.default_max_batch(size):
+        _refused(
+            refused[2],
+            rf"image_bytes\[{budget}\]: the images up to this one hold {over_budget * side**2} "
+            rf"pixels, more than the {budget * max_pixels} this export accepts in one request",
+        )
+    else:  # at 224 px the batch limit (4 images) binds first
+        _refused(refused[2], r"image_bytes: batch larger than the 4 images")
+    _served(refused[3], {32: 30, 224: 100}[size])
+    # Served, each in a process of its own: the largest image as a progressive JPEG (libjpeg
+    # keeps its coefficients at full size whatever the DCT scale) and as a transparent PNG (the
+    # costliest per pixel), and a request of as many baseline JPEGs of that size as it may hold.
+    requests = {
+        "progressive JPEG": (_bytes(eh.jpeg_with_size(progressive, side, side)), 60),
+        "RGBA PNG": (_bytes(eh.flat_png(side, side, "RGBA")), {32: 40, 224: 200}[size]),
+        "full request": (_bytes(*[jpeg] * min(budget, export.default_max_batch(size))), 30),
+    }
+    for name, (value, bound) in requests.items():
+        [result] = eh.measure(sized[size], [("serving_bytes", value)], tmp_path)
+        _served(dict(result, case=name), bound)
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_every_refusal_is_invalid_argument_naming_the_image(sized, size, tmp_path):
+    """8 to 11 bytes starting with the PNG signature were a UnicodeDecodeError (a slice past the
+    end, whose message quoted the bytes); a decoder failure named no image."""
+    png = eh.encode(np.zeros((30, 40, 3), np.uint8), "PNG")
+    photo = eh.sample_photos()["china.jpg"]
+    results = eh.measure(
+        sized[size],
+        [("serving_bytes", _bytes(png[:n])) for n in range(8, 16)]
+        + [
+            ("serving_bytes", _bytes(png, photo[:-2000])),  # libjpeg fails on the second
+            ("serving_bytes", _bytes(png, png[:-20])),  # zlib fails on the second
+            ("serving_bytes", _bytes(png, b"\xff\xd8\xff\xe0\x00\x02" + b"\xfe" * 6)),
+            ("serving_float", np.stack([np.zeros((4, 4, 3)), np.full((4, 4, 3), np.nan)])),
+        ],
+        tmp_path,
+    )
+    for result in results[:8]:
+        _refused(result, r"image_bytes\[0\]: truncated PNG \(no IHDR header; \d+ bytes\)")
+    _refused(results[8], r"image_bytes\[1\]: corrupt or truncated JPEG data")
+    _refused(results[9], r"image_bytes\[1\]: corrupt or truncated PNG data")
+    _refused(results[10], r"image_bytes\[1\]: JPEG without a frame header")
+    _refused(results[11], r"images\[1\]: not finite")
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused(loaded):
+    """Each scan is another pass over the coefficients: 1000 in 30 KB cost 0.7 s to decode at
+    12.8 MP, and a few such files per request would pass 20 s."""
+    progressive = eh.jpeg_with_size(eh.flat_jpeg(progressive=True), 200, 200)
+    start = progressive.index(b"\xff\xda")
+    scans = progressive[start:-2].split(b"\xff\xda")[1:]
+    assert 5 <= len(scans) <= export.MAX_JPEG_SCANS
+
+    def with_scans(n):
+        body = b"".join(b"\xff\xda" + scans[i % len(scans)] for i in range(n))
+        return progressive[:start] + body + b"\xff\xd9"
+
+    serve = loaded.signatures["serving_bytes"]
+    assert serve(image_bytes=[progressive])["embedding"].shape == (1, 32)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"image_bytes\[1\]: JPEG of 1000 scans, more than"
+    ):
+        serve(image_bytes=[progressive, with_scans(1000)])
+
+
+def test_a_phone_photo_is_decoded_at_a_dct_scale(sized, tmp_path):
+    """A 12-megapixel photo served at 224 px is decoded at 1/4 scale (0.76 MP), bit for bit as
+    evaluation decodes it, and embeds close to its full-size decode."""
+    y, x = np.mgrid[0:3024, 0:4032]
+    photo = np.stack([x % 256, y % 256, (x // 16 + y // 16) % 256], -1).astype(np.uint8)
+    jpeg = eh.encode(photo, "JPEG", quality=90)
+    assert int(data.eval_jpeg_ratio(tf.constant(3024), tf.constant(4032), 224, 0.875)) == 4
+    [result] = eh.measure(sized[224], [("serving_bytes", _bytes(jpeg))], tmp_path)
+    _served(result, 25)  # its full-size decode alone is 36.6 MB
+    enc224 = _encoder_of(sized[224])
+    got = tf.saved_model.load(sized[224]).signatures["serving_bytes"](image_bytes=[jpeg])
+    _assert_close({k: v.numpy() for k, v in got.items()}, eh.reference_from_bytes(enc224, [jpeg]))
+    scaled = data.decode_rgb(jpeg, ratio=4)
+    assert scaled.shape == (756, 1008, 3)
+    np.testing.assert_array_equal(
+        data.decode_eval(jpeg, 224, 0.875), data.eval_preprocess(scaled, 224, 0.875)
+    )
+    full = data.eval_preprocess(data.decode_rgb(jpeg), 224, 0.875)
+    assert float(tf.reduce_mean(tf.abs(data.decode_eval(jpeg, 224, 0.875) - full))) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------
+# What users see is what is embedded: EXIF orientation and transparency, in training (which
+# decodes with data.decode_rgb), evaluation (data.decode_eval) and serving alike.
+
+_SHOWN = {  # EXIF orientation -> the stored pixels as a viewer shows them
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),  # a phone held upright: stored sideways, turned clockwise
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _phone_jpeg(height=48, width=80):
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 3, y * 5, (x + 2 * y) % 256], -1).astype(np.uint8)
+    return eh.encode(image, "JPEG", quality=95)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_exif_orientation_is_applied_when_decoding(big_endian):
+    from PIL import Image, ImageOps
+
+    plain = _phone_jpeg()
+    stored = data.decode_rgb(plain).numpy()
+    for orientation, shown in _SHOWN.items():
+        jpeg = eh.with_exif_orientation(plain, orientation, big_endian)
+        assert int(data.jpeg_orientation(jpeg)) == orientation
+        np.testing.assert_array_equal(data.decode_rgb(jpeg), shown(stored))
+        # PIL agrees on the geometry (its IDCT differs by a few levels).
+        pil = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg))), np.int16)
+        assert pil.shape == shown(stored).shape
+        assert np.abs(pil - shown(stored)).mean() < 3
+        for crop in (1.0, 0.875, 0.5):  # only the kept region is turned: the same pixels
+            np.testing.assert_array_equal(
+                data.decode_eval(jpeg, 24, crop), data.eval_preprocess(shown(stored), 24, crop)
+            )
+    # No Exif, a cut-off one, or nonsense in it: as stored.
+    for jpeg in (
+        plain,
+        eh.with_exif_orientation(plain, 6)[:60],
+        eh.with_exif_orientation(plain, 9),
+    ):
+        assert int(data.jpeg_orientation(jpeg)) == 1
+
+
+def test_exif_orientation_in_the_eval_pipeline_and_serving(loaded, enc, tmp_path):
+    """A portrait photo stored sideways (orientation 6) embeds as the upright image, through
+    evaluation's image-folder pipeline and through serving_bytes."""
+    plain = _phone_jpeg()
+    sideways = eh.with_exif_orientation(plain, 6)
+    upright = np.rot90(data.decode_rgb(plain).numpy(), -1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(sideways)
+    source = data.load_source(f"folder:{folder}", "train")
+    [(pixels, _)] = list(data.eval_dataset(source, 16, 1))
+    np.testing.assert_array_equal(pixels[0], data.eval_preprocess(upright, 16, 1.0))
+    got = loaded.signatures["serving_bytes"](image_bytes=[sideways])
+    _assert_close({k: v.numpy() for k, v in got.items()}, enc(upright[None]))
+
+
+def test_transparency_is_composited_onto_white():
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)
+    rgba[0, :, 3], rgba[1, :, 3] = 0, 255
+    alpha = rgba[..., 3:].astype(np.float64) / 255
+    want = np.round(rgba[..., :3] * alpha + data.ALPHA_BACKGROUND * (1 - alpha)).astype(np.uint8)
+    got = data.decode_rgb(eh.encode(rgba, "PNG")).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert (got[0] == 255).all() and (got[1] == rgba[1, :, :3]).all()
+    grey_alpha = Image.fromarray(rgba).convert("LA")
+    buf = io.BytesIO()
+    grey_alpha.save(buf, "PNG")
+    la = np.asarray(grey_alpha, np.float64)
+    want_la = np.round(la[..., 0] * la[..., 1] / 255 + 255 * (1 - la[..., 1] / 255))
+    np.testing.assert_array_equal(data.decode_rgb(buf.getvalue())[..., 0], want_la)
+    for crop in (1.0, 0.875):  # evaluation composites only the region it keeps: same pixels
+        np.testing.assert_array_equal(
+            data.decode_eval(eh.encode(rgba, "PNG"), 8, crop), data.eval_preprocess(got, 8, crop)
+        )
+
+
+def test_transparent_png_serves_as_its_composite(loaded, enc):
+    rgba = np.random.default_rng(8).integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    png = eh.encode(rgba, "PNG")
+    got = loaded.signatures["serving_bytes"](image_bytes=[png])
+    composite = data.decode_rgb(png).numpy()
+    _assert_close({k: v.numpy() for k, v in got.items()}, enc(composite[None]))
+    # ... and not as the colour under the alpha, which PNG decoders return by default.
+    opaque = loaded.signatures["serving_default"](images=rgba[None, ..., :3])
+    assert np.abs(got["embedding"].numpy() - opaque["embedding"].numpy()).max() > 1e-3
+
+
+def test_eval_crops_before_resizing_and_serving_matches_it(run, tmp_path):
+    """The eval pipeline of an image folder and the export of the same run give the same
+    numbers for images of any shape, including big JPEGs decoded at a DCT scale."""
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = []
+    for i, (h, w) in enumerate(((37, 23), (300, 520), (1100, 700), (5, 80))):
+        base = rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR))
+        fmt = "JPEG" if i % 2 else "PNG"
+        path = folder / f"{i}.{fmt.lower()}"
+        path.write_bytes(eh.encode(image, fmt))
+        files.append(path)
+    crop_run = tmp_path / "crop_run"
+    shutil.copytree(run, crop_run)
+    with open(crop_run / "config.json") as f:
+        config = json.load(f)
+    config["data"]["eval_crop_fraction"] = 0.875
+    with open(crop_run / "config.json", "w") as f:
+        json.dump(config, f)
+    path = export.export(str(crop_run), str(tmp_path / "m"))
+    enc = export.load_encoder(str(crop_run))
+    source = data.load_source(f"folder:{folder}", "train")
+    [(pixels, _)] = list(data.eval_dataset(source, 16, 8, crop_fraction=0.875))
+    encoded = [open(source.files[i], "rb").read() for i in range(4)]
+    for i, e in enumerate(encoded):
+        np.testing.assert_array_equal(pixels[i], data.decode_eval(e, 16, 0.875))
+    got = tf.saved_model.load(path).signatures["serving_bytes"](image_bytes=encoded)
+    want = export._outputs(enc.backbone, enc.projector, pixels)  # the eval pipeline's pixels
+    _assert_close({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in want.items()})

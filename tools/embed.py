@@ -7,13 +7,15 @@
 
 --saved_model is a version directory or a model's base path (its highest version is used).
 Images go through the export's `serving_bytes` signature, the path TF Serving clients take;
-GIF and BMP files, which it refuses, are converted to PNG first. A file the model refuses
-(corrupt, truncated, too large) is reported and left out of the index.
+GIF and BMP files, which it refuses, are converted to PNG first. A file that cannot be read or
+that the model refuses (corrupt, truncated, too large, too elongated) is skipped with a warning
+naming it and the reason, and left out of the index; the rest of the folder is embedded.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -60,6 +62,15 @@ def load(path: str):
     return tf.saved_model.load(path).signatures[export.SERVING_BYTES]
 
 
+def max_batch(path: str) -> Optional[int]:
+    """The largest batch the export at path accepts (its metadata), None when not recorded."""
+    meta = os.path.join(resolve_saved_model(path), "assets.extra", export.METADATA_FILE)
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        return json.load(f).get("max_batch")
+
+
 def as_accepted_bytes(encoded: bytes) -> bytes:
     """JPEG and PNG bytes as they are; other formats (GIF first frame, BMP) re-encoded as PNG."""
     if encoded.startswith((export.JPEG_MAGIC, export.PNG_MAGIC)):
@@ -88,27 +99,34 @@ def embed_files(
     bar = keras.utils.Progbar(len(paths), unit_name="image") if progress else None
     rows, kept = [], []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        encoded = []
-        for path in chunk:
-            with open(path, "rb") as f:
-                encoded.append(f.read())
+        chunk, encoded = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                with open(path, "rb") as f:
+                    encoded.append(as_accepted_bytes(f.read()))
+                chunk.append(path)
+            except (OSError, tf.errors.OpError) as err:  # unreadable, or a GIF/BMP that fails
+                logging.warning("Skipped %s: %s", path, _first_line(_message(err)))
         try:
-            batch = [as_accepted_bytes(e) for e in encoded]
-            rows.append(run(batch))
-            kept += chunk
+            if chunk:
+                rows.append(run(encoded))
+                kept += chunk
         except tf.errors.InvalidArgumentError:
             # One bad file fails its whole batch: redo it one by one to keep the others.
             for path, e in zip(chunk, encoded):
                 try:
-                    rows.append(run([as_accepted_bytes(e)]))
+                    rows.append(run([e]))
                     kept.append(path)
-                except tf.errors.InvalidArgumentError as err:
-                    logging.warning("Skipped %s: %s", path, _first_line(err.message))
+                except tf.errors.OpError as err:
+                    logging.warning("Skipped %s: %s", path, _first_line(_message(err)))
         if bar is not None:
-            bar.add(len(chunk))
+            bar.add(len(paths[start : start + batch_size]))
     dim = rows[0].shape[-1] if rows else 0
     return (np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)), kept
+
+
+def _message(err: Exception) -> str:
+    return getattr(err, "message", None) or str(err)
 
 
 def _first_line(message: str) -> str:
@@ -178,6 +196,7 @@ def run(
     if k < 1 or batch_size < 1:
         raise ValueError(f"--k={k} and --batch_size={batch_size} must be at least 1")
     signature = load(saved_model)
+    batch_size = min(batch_size, max_batch(saved_model) or batch_size)
     if image_dir is not None:
         names = list_images(image_dir)
         if not names:

@@ -1,7 +1,7 @@
 """Exports a trained run's encoder as a new version of a TF Serving model.
 
   python tools/export.py --workdir=runs/cifar10 --export_dir=exports/simsiam [--version=N]
-      [--projection] [--max_pixels=40000000] [--max_batch=256]
+      [--projection] [--max_pixels=N] [--max_batch=N] [--max_request_pixels=N]
 
 Writes exports/simsiam/<N>/ (N: one past the highest existing version unless given; an existing
 version is never overwritten) through a temporary directory that is renamed once the SavedModel
@@ -28,10 +28,22 @@ _PROJECTION = flags.DEFINE_boolean(
     "Also output the projector's z as `projection` (restores the latest checkpoint).",
 )
 _MAX_PIXELS = flags.DEFINE_integer(
-    "max_pixels", export.DEFAULT_MAX_PIXELS, "Largest image (height x width) a request may hold."
+    "max_pixels",
+    None,
+    "Largest image (height x width) a request may hold; default: "
+    f"{export.PIXELS_PER_OUTPUT_PIXEL} x image_size^2, at least {export.MIN_MAX_PIXELS}.",
 )
 _MAX_BATCH = flags.DEFINE_integer(
-    "max_batch", export.DEFAULT_MAX_BATCH, "Largest number of images in one request."
+    "max_batch",
+    None,
+    "Largest number of images in one request; default: "
+    f"{export.DEFAULT_MAX_BATCH} at 32 px, fewer for larger inputs (docs/SERVING.md).",
+)
+_MAX_REQUEST_PIXELS = flags.DEFINE_integer(
+    "max_request_pixels",
+    None,
+    "Largest sum of height x width over the images of one request; default: "
+    f"{export.REQUEST_PIXELS_PER_IMAGE} x max_pixels.",
 )
 flags.mark_flags_as_required(["workdir", "export_dir"])
 
@@ -46,6 +58,7 @@ def main(argv):
             projection=_PROJECTION.value,
             max_pixels=_MAX_PIXELS.value,
             max_batch=_MAX_BATCH.value,
+            max_request_pixels=_MAX_REQUEST_PIXELS.value,
         )
     except (export.ExportError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")

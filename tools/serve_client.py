@@ -45,7 +45,10 @@ def read_files(paths: Sequence[str]) -> list:
 
 
 def decode_pixels(encoded: bytes) -> np.ndarray:
-    """An encoded image -> uint8 HxWx3, decoded as the server's serving_bytes would."""
+    """An encoded image -> uint8 HxWx3 at full size, as a viewer shows it (EXIF orientation
+    applied, transparency over white), the decoding serving_bytes does too; serving_bytes then
+    decodes a JPEG much larger than the model's input at a reduced DCT scale, so the pixels of
+    such a photo embed slightly differently (docs/SERVING.md)."""
     from simsiam_tf import data
 
     return data.decode_rgb(encoded).numpy()
