@@ -20,8 +20,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from simsiam_tf import export
 
@@ -230,4 +232,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

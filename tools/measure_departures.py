@@ -33,6 +33,8 @@ import importlib.util
 import math
 import os
 
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -309,4 +311,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

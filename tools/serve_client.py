@@ -21,8 +21,10 @@ import urllib.error
 import urllib.request
 from typing import Optional, Sequence
 
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from simsiam_tf import export
 
@@ -226,4 +228,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -25,8 +25,10 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(REPO, "serving", "cc", "serving_check.cc")
@@ -315,4 +317,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
