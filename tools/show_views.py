@@ -9,19 +9,14 @@ The views are those of the first training batch of a fresh run with this config.
 goes to TensorBoard (WORKDIR/tb/views) when a training run starts.
 """
 
-import os
-import sys
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags, logging
+from ml_collections import config_flags
 
-import cli  # noqa: E402  (before TensorFlow: a quiet start-up)
-
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from simsiam_tf import augment, data, imagecheck, plots  # noqa: E402
-from simsiam_tf import config as config_lib  # noqa: E402
-from simsiam_tf.errors import ConfigError  # noqa: E402
+from simsiam_tf import augment, data, imagecheck, plots
+from simsiam_tf import config as config_lib
+from simsiam_tf.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).")
 _OUT = flags.DEFINE_string("out", "views.png", "Where to write the PNG.")
