@@ -2,7 +2,7 @@
 
   python tools/ablate.py --config=configs/cifar10_small_cpu.py --workdir=runs/ablation \
       --arms=simsiam,no_stopgrad,no_predictor --epochs=4 \
-      [--config.data.source=folder:/tmp/cifar10 ...]
+      [--config.data.source=archive:../shared/data/cifar10-jpeg.tar.gz ...]
 
 Each arm is a pretraining run, `tools/train.py` in its own process, in WORKDIR/ARM (rerunning
 resumes or skips finished arms). Any `--config.KEY=VALUE` applies to every arm. Then the study's

@@ -67,7 +67,7 @@ _JIT = flags.DEFINE_enum(
 _WHAT = flags.DEFINE_enum("what", "pipeline", ["pipeline", "step"], "compare: which benchmark.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: rounds of (ours, reference).")
 _TORCH_PYTHON = flags.DEFINE_string(
-    "torch_python", "/tmp/torchref/bin/python", "compare: Python with torch and torchvision."
+    "torch_python", ".venv-torchref/bin/python", "compare: Python with torch and torchvision."
 )
 _REFERENCE_DIR = flags.DEFINE_string(
     "reference_dir",

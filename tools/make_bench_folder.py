@@ -1,6 +1,6 @@
 """Builds a benchmark folder of real photos of ImageNet-like size (200-500 px) as JPEG files.
 
-    python tools/make_bench_folder.py --out=/tmp/bench_photos [--n=1024] [--seed=0]
+    python tools/make_bench_folder.py --out=data/bench_photos [--n=1024] [--seed=0]
 
 No data set can be downloaded here, so the photos come from Python packages that ship them:
 scikit-learn's `load_sample_images()` (china.jpg, flower.jpg, 427x640), matplotlib's
@@ -9,8 +9,8 @@ grace_hopper.jpg (600x512) and, when scikit-image is importable, the colour phot
 immunohistochemistry, motorcycle_left). scikit-image is not a project requirement; install it
 into a throwaway environment to get the full set:
 
-    python3 -m venv /tmp/skimg && /tmp/skimg/bin/pip install scikit-image scikit-learn matplotlib
-    /tmp/skimg/bin/python tools/make_bench_folder.py --out=/tmp/bench_photos
+    python3 -m venv .venv-skimg && .venv-skimg/bin/pip install scikit-image scikit-learn matplotlib
+    .venv-skimg/bin/python tools/make_bench_folder.py --out=data/bench_photos
 
 Each file is a random crop of one photo: width and height each uniform in [200, 500] px, taken
 after rescaling the photo by a log-uniform factor between the smallest scale at which that crop
