@@ -139,3 +139,48 @@ def test_layers_get_distinct_initial_weights_and_the_seed_fixes_them():
     keras.utils.set_random_seed(1)
     again = model.build_backbone("resnet18_cifar")
     np.testing.assert_array_equal(again.get_layer("stage1_block1_conv1").kernel.numpy(), a)
+
+
+def _torch_out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+@pytest.mark.parametrize("size", [224, 225, 64, 33])
+def test_resnet_geometry_is_torchvisions(size):
+    """Stem 7x7/2 pad 3, max-pool 3x3/2 pad 1, strided 3x3 pad 1 and 1x1 pad 0, as torch."""
+    net = model.build_backbone("resnet50")
+    stem = keras.Model(net.input, net.get_layer("stem_pool").output)
+    out = _torch_out(_torch_out(size, 7, 2, 3), 3, 2, 1)
+    assert stem(tf.zeros((1, size, size, 3))).shape == (1, out, out, 64)
+    for _ in range(3):  # stages 2-4 downsample
+        out3, out1 = _torch_out(out, 3, 2, 1), _torch_out(out, 1, 2, 0)
+        assert out3 == out1
+        out = out3
+    last = keras.Model(net.input, net.get_layer("stage4_block1_conv2").output)
+    assert last(tf.zeros((1, size, size, 3))).shape[1:3] == (out, out)
+
+
+def test_strided_conv_pads_symmetrically():
+    """A strided conv sees the same pixels as tf.nn.conv2d with one zero on every side (torch),
+    not Keras' "same", which for an even input pads the bottom/right only."""
+    net = model.build_backbone("resnet18_cifar")
+    conv = net.get_layer("stage2_block1_conv1")
+    pad = net.get_layer("stage2_block1_conv1_pad")
+    x = tf.random.normal((2, 8, 8, 64), seed=3)
+    ours = conv(pad(x))
+    torch_like = tf.nn.conv2d(x, conv.kernel, 2, [[0, 0], [1, 1], [1, 1], [0, 0]])
+    np.testing.assert_allclose(ours.numpy(), torch_like.numpy(), rtol=1e-5, atol=1e-5)
+    keras_same = tf.nn.conv2d(x, conv.kernel, 2, "SAME")
+    assert not np.allclose(ours.numpy(), keras_same.numpy(), atol=1e-3)
+
+
+def test_batchnorm_running_variance_is_unbiased_as_torch():
+    bn = model.BatchNorm(momentum=0.9, epsilon=1e-5)
+    x = tf.random.normal((4, 3), seed=4) * 2.0 + 1.0
+    y = bn(x, training=True)
+    mean, var = np.mean(x.numpy(), 0), np.var(x.numpy(), 0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.1 * mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), 0.9 + 0.1 * var * 4 / 3, rtol=1e-5)
+    np.testing.assert_allclose(y.numpy(), (x.numpy() - mean) / np.sqrt(var + 1e-5), atol=1e-4)
+    restored = model.BatchNorm.from_config(bn.get_config())
+    assert isinstance(restored, model.BatchNorm) and restored.momentum == bn.momentum
