@@ -6,7 +6,7 @@ REQUIREMENTS ?= requirements.txt
 STAMP := $(VENV)/.installed-$(notdir $(REQUIREMENTS))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu
+.PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu parity
 
 install: $(STAMP)
 
@@ -31,6 +31,19 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Step-for-step parity with the official PyTorch code (tools/parity.py). torch and torchvision
+# go into their own directory, on the PYTHONPATH of the torch worker process only.
+PARITY_TORCH ?= $(VENV)/parity-torch
+PARITY_STAMP := $(PARITY_TORCH)/.installed-requirements-parity.txt
+
+$(PARITY_STAMP): requirements-parity.txt | $(STAMP)
+	rm -rf $(PARITY_TORCH)
+	$(PY) -m pip install --quiet --target $(PARITY_TORCH) -r requirements-parity.txt
+	touch $@
+
+parity: install $(PARITY_STAMP)
+	$(PY) tools/parity.py --torch_path=$(PARITY_TORCH)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -1,0 +1,51 @@
+"""A small step-for-step parity check against the official PyTorch SimSiam (tools/parity.py).
+
+Runs where torch and torchvision can be imported: from SIMSIAM_PARITY_TORCH (a directory),
+from .venv/parity-torch (what `make parity` installs), or from this interpreter; skips otherwise.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _torch_path():
+    for path in (
+        os.environ.get("SIMSIAM_PARITY_TORCH", ""),
+        os.path.join(REPO, ".venv", "parity-torch"),
+    ):
+        if path and os.path.isdir(os.path.join(path, "torch")):
+            return path
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"):
+        return ""
+    return None
+
+
+def test_resnet18_cifar_steps_match_the_official_pytorch_code(tmp_path):
+    torch_path = _torch_path()
+    if torch_path is None:
+        pytest.skip("torch/torchvision not installed (make parity installs them)")
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "parity.py"),
+        "--checks=resnet18_cifar",
+        "--batch=8",
+        "--steps=3",
+        f"--workdir={tmp_path}",
+        f"--torch_path={torch_path}",
+    ]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, f"{last}\n{proc.stderr[-3000:]}"
+    assert last.startswith("parity: resnet18_cifar feat=") and last.endswith("all within bounds")
+    # Every compared quantity is there, each with its number.
+    for group in ("feat", "z", "p", "loss", "grad", "step_loss", "weight", "bn", "mom"):
+        assert f" {group}=" in last
