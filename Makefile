@@ -6,7 +6,8 @@ REQUIREMENTS ?= requirements.txt
 STAMP := $(VENV)/.installed-$(notdir $(REQUIREMENTS))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu parity
+.PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu \
+	test-import-torch parity
 
 install: $(STAMP)
 
@@ -32,24 +33,34 @@ quickstart: install
 test: install
 	$(PY) -m pytest -q
 
-# Step-for-step parity with the official PyTorch code (tools/parity.py). torch and torchvision
-# go into their own directory, on the PYTHONPATH of the torch worker process only.
-PARITY_TORCH ?= $(VENV)/parity-torch
-PARITY_STAMP := $(PARITY_TORCH)/.installed-requirements-parity.txt
-
-$(PARITY_STAMP): requirements-parity.txt | $(STAMP)
-	rm -rf $(PARITY_TORCH)
-	$(PY) -m pip install --quiet --target $(PARITY_TORCH) -r requirements-parity.txt
-	touch $@
-
-parity: install $(PARITY_STAMP)
-	$(PY) tools/parity.py --torch_path=$(PARITY_TORCH)
-
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+# torch (requirements-parity.txt) lives in a venv of its own that sees the training venv's
+# packages, so the training venv never holds torch.
+PARITY_VENV ?= $(VENV)-parity
+PARITY_PY := $(PARITY_VENV)/bin/python
+PARITY_STAMP := $(PARITY_VENV)/.installed-requirements-parity.txt
+site_packages = $$($(1) -c "import sysconfig; print(sysconfig.get_path('purelib'))")
+
+$(PARITY_STAMP): requirements-parity.txt | $(STAMP)
+	test -x $(PARITY_PY) || $(PY) -m venv $(PARITY_VENV)
+	echo "import site; site.addsitedir('$(call site_packages,$(PY))')" \
+		> $(call site_packages,$(PARITY_PY))/simsiam-training-venv.pth
+	$(PARITY_PY) -m pip install --quiet -r requirements-parity.txt
+	touch $@
+
+# Official PyTorch checkpoints made with torchvision, imported, exported and served.
+test-import-torch: $(PARITY_STAMP)
+	$(PARITY_PY) -m pytest -q -m "" tests/test_import_torch.py
+
+# Step-for-step parity with the official PyTorch code (tools/parity.py): TensorFlow runs in the
+# training venv, the official model in a worker process of the parity venv.
+parity: install $(PARITY_STAMP)
+	$(PY) tools/parity.py --torch_python=$(PARITY_PY)
 
 lint: install
 	$(PY) -m ruff check simsiam_tf tools tests configs
@@ -60,4 +71,4 @@ format: install
 	$(PY) -m black simsiam_tf tools tests configs
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(PARITY_VENV) runs .pytest_cache

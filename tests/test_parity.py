@@ -1,7 +1,8 @@
 """A small step-for-step parity check against the official PyTorch SimSiam (tools/parity.py).
 
-Runs where torch and torchvision can be imported: from SIMSIAM_PARITY_TORCH (a directory),
-from .venv/parity-torch (what `make parity` installs), or from this interpreter; skips otherwise.
+Runs where torch and torchvision can be imported: by the Python SIMSIAM_PARITY_PYTHON names,
+by .venv-parity/bin/python (what `make parity` installs), or by this interpreter; skips
+otherwise.
 """
 
 import importlib.util
@@ -14,21 +15,23 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _torch_path():
-    for path in (
-        os.environ.get("SIMSIAM_PARITY_TORCH", ""),
-        os.path.join(REPO, ".venv", "parity-torch"),
+def _torch_python():
+    for python in (
+        os.environ.get("SIMSIAM_PARITY_PYTHON", ""),
+        os.path.join(REPO, ".venv-parity", "bin", "python"),
     ):
-        if path and os.path.isdir(os.path.join(path, "torch")):
-            return path
+        if python and os.access(python, os.X_OK):
+            probe = subprocess.run([python, "-c", "import torch, torchvision"], capture_output=True)
+            if probe.returncode == 0:
+                return python
     if importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"):
-        return ""
+        return sys.executable
     return None
 
 
 def test_resnet18_cifar_steps_match_the_official_pytorch_code(tmp_path):
-    torch_path = _torch_path()
-    if torch_path is None:
+    torch_python = _torch_python()
+    if torch_python is None:
         pytest.skip("torch/torchvision not installed (make parity installs them)")
     cmd = [
         sys.executable,
@@ -37,7 +40,8 @@ def test_resnet18_cifar_steps_match_the_official_pytorch_code(tmp_path):
         "--batch=8",
         "--steps=3",
         f"--workdir={tmp_path}",
-        f"--torch_path={torch_path}",
+        "--float64_checks=",
+        f"--torch_python={torch_python}",
     ]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
