@@ -38,7 +38,7 @@ def test_resnet18_cifar_steps_match_the_official_pytorch_code(tmp_path):
         os.path.join(REPO, "tools", "parity.py"),
         "--checks=resnet18_cifar",
         "--batch=8",
-        "--steps=3",
+        "--steps=2",
         f"--workdir={tmp_path}",
         "--float64_checks=",
         f"--torch_python={torch_python}",
@@ -49,7 +49,8 @@ def test_resnet18_cifar_steps_match_the_official_pytorch_code(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=REPO)
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, f"{last}\n{proc.stderr[-3000:]}"
-    assert last.startswith("parity: resnet18_cifar feat=") and last.endswith("all within bounds")
+    assert last.startswith("parity: resnet18_cifar float32 feat=")
+    assert last.endswith("all within bounds")
     # Every compared quantity is there, each with its number.
     for group in ("feat", "z", "p", "loss", "grad", "step_loss", "weight", "bn", "mom"):
         assert f" {group}=" in last

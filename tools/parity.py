@@ -85,10 +85,10 @@ CASES = {
     "resnet50": ("resnet50", 224, 4, 1, 3, 2048, 1e-4),
     "resnet18_cifar_x2": ("resnet18_cifar", 32, 32, 2, 2, 2048, 5e-4),
 }
-# After several float32 steps the comparison is against the official code's own distance from
-# exact arithmetic (its float32 run against its float64 run, "floor"): each of these groups
-# passes within max(bound, FLOOR_FACTOR x floor).
-AFTER_STEPS = ("step_loss", "weight", "bn", "mom")
+# In float32 a group also passes within FLOOR_FACTOR x its "floor": how far the official code's
+# own float32 result is from its float64 result on the same weights and views. Ill-conditioned
+# quantities (a gradient that nearly cancels, a bias grown from such gradients, anything after
+# BN over 4 samples) are only that accurate in float32, whichever framework computes them.
 FLOOR_FACTOR = 10.0
 BOUNDS = dict(
     feat=1e-5, z=1e-5, p=1e-5, loss=1e-5, grad=1e-4, step_loss=1e-4, weight=1e-4, bn=1e-4, mom=1e-4
@@ -294,20 +294,17 @@ def check_case(name: str, dtype: str, workdir: str) -> dict:
 
     errors, every = {}, {}
 
-    def record(group, key, ours, ref):
-        err = rel_error(ours, ref)
+    def keep_max(group, key, err):
         every[f"{group} {key}"] = err
-        if group not in errors or err > errors[group][0]:
+        if err > errors.get(group, (-1.0, ""))[0]:
             errors[group] = (err, key)
-        floor_key = {"step_loss": "f64losses", "mom": f"f64momentum/{key}"}.get(
-            group, f"f64final/{key}"
-        )
-        if group in AFTER_STEPS and floor_key in theirs:
-            base = "losses" if group == "step_loss" else floor_key[3:]
-            floor = rel_error(theirs[base], theirs[floor_key])
-            every[f"floor {group} {key}"] = floor
-            if floor > errors.get(f"{group}_floor", (-1.0, ""))[0]:
-                errors[f"{group}_floor"] = (floor, key)
+
+    def record(group, key, ours, theirs_key):
+        keep_max(group, key, rel_error(ours, theirs[theirs_key]))
+        if "f64" + theirs_key in theirs:  # the official code's float32 against its float64
+            exact = theirs["f64" + theirs_key]
+            keep_max(f"{group}_floor", key, rel_error(theirs[theirs_key], exact))
+            keep_max(f"{group}_vs_f64", key, rel_error(ours, exact))
 
     if probe:
         snapshot = [v.numpy() for v in net.variables]
@@ -317,7 +314,7 @@ def check_case(name: str, dtype: str, workdir: str) -> dict:
         loss = losses.simsiam_loss(p1, p2, z1, z2)
         ours = dict(feat1=feats[0], feat2=feats[1], z1=z1, z2=z2, p1=p1, p2=p2, loss=loss)
         for key, value in ours.items():
-            record(key.rstrip("12"), key, value.numpy(), theirs[key])
+            record(key.rstrip("12"), key, value.numpy(), key)
         for v, s in zip(net.variables, snapshot):
             v.assign(s)
         with tf.GradientTape() as tape:
@@ -328,19 +325,19 @@ def check_case(name: str, dtype: str, workdir: str) -> dict:
         if len(grad_keys) != len(grads):
             raise RuntimeError(f"{len(grads)} gradients here, {len(grad_keys)} in torch")
         for key in grad_keys:
-            record("grad", key[5:], named[key[5:]], theirs[key])
+            record("grad", key[5:], named[key[5:]], key)
         for v, s in zip(net.variables, snapshot):
             v.assign(s)
 
     ours_losses, ours_z = train_steps(net, v1, v2, steps, batch)
     logging.info("%s losses: ours %s, torch %s", name, ours_losses, theirs["losses"])
-    record("step_loss", "losses", ours_losses, theirs["losses"])
+    record("step_loss", "losses", ours_losses, "losses")
     final = torch_weights.to_torch_state_dict(net)
     for key, value in final.items():
         if key.endswith("num_batches_tracked"):
             continue
         group = "bn" if key.endswith(("running_mean", "running_var")) else "weight"
-        record(group, key, value, theirs[f"final/{key}"])
+        record(group, key, value, f"final/{key}")
     opt = net.optimizer
     moms = as_torch_names(
         net, [opt.momentums[opt._get_variable_index(v)] for v in net.trainable_variables]
@@ -349,7 +346,7 @@ def check_case(name: str, dtype: str, workdir: str) -> dict:
     if len(mom_keys) != len(net.trainable_variables):
         raise RuntimeError(f"{len(net.trainable_variables)} buffers here, {len(mom_keys)} in torch")
     for key in mom_keys:
-        record("mom", key[9:], moms[key[9:]], theirs[key])
+        record("mom", key[9:], moms[key[9:]], key)
     logging.info(
         "%s: %d replica(s), batch %d, %d steps, %.1f s",
         name,
@@ -501,7 +498,7 @@ def main(argv):
             floor = errors.get(f"{group}_floor")
             if floor is not None:
                 bound = max(bound, FLOOR_FACTOR * floor[0])
-                text += f"(floor {floor[0]:.0e})"
+                text += f"(floor {floor[0]:.0e}, vs f64 {errors[f'{group}_vs_f64'][0]:.0e})"
             logging.info("%s %s %s: max rel error %.2e (%s)", dtype, name, group, err, key)
             if err > bound:
                 failed.append(f"{dtype} {name} {group} {err:.2e} > {bound:.1e} ({key})")

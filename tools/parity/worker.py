@@ -51,24 +51,7 @@ def main(request_path: str, result_path: str) -> None:
     state = copy.deepcopy(model.state_dict())
     views1 = np.load(meta["view1"], mmap_mode="r")
     views2 = np.load(meta["view2"], mmap_mode="r")
-    out = {}
-    if meta["probe"]:
-        x1, x2 = to_input(views1[0]), to_input(views2[0])
-        with torch.no_grad():
-            f1, f2 = model.features(x1), model.features(x2)
-            z1, z2 = model.encoder.fc(f1), model.encoder.fc(f2)
-            p1, p2 = model.predictor(z1), model.predictor(z2)
-            loss = official.loss_fn(p1, p2, z1, z2)
-        for key, value in dict(feat1=f1, feat2=f2, z1=z1, z2=z2, p1=p1, p2=p2, loss=loss).items():
-            out[key] = value.numpy()
-        model.load_state_dict(state)
-        loss = official.loss_fn(*model(x1=x1, x2=x2))
-        loss.backward()
-        for name, param in model.named_parameters():
-            if param.grad is not None:
-                out[f"grad/{name}"] = param.grad.numpy().copy()
-        model.load_state_dict(state)
-        model.zero_grad(set_to_none=True)
+    out = probe(model, state, views1[0], views2[0], dtype) if meta["probe"] else {}
     out.update(train(model, meta, views1, views2, dtype))
     if meta.get("floor"):
         # The official code against itself: the same steps in float64 from the same weights.
@@ -77,9 +60,34 @@ def main(request_path: str, result_path: str) -> None:
         ).to(torch.float64)
         reference.load_state_dict(state, strict=True)
         reference.train()
-        floor = train(reference, meta, views1, views2, torch.float64)
+        floor = (
+            probe(reference, state, views1[0], views2[0], torch.float64) if meta["probe"] else {}
+        )
+        floor.update(train(reference, meta, views1, views2, torch.float64))
         out.update({f"f64{key}": value for key, value in floor.items()})
     np.savez(result_path, **out)
+
+
+def probe(model, state, views1, views2, dtype) -> dict:
+    """The first step's features, z, p, loss and gradients; the model is left in `state`."""
+    out = {}
+    x1, x2 = to_input(views1).to(dtype), to_input(views2).to(dtype)
+    with torch.no_grad():
+        f1, f2 = model.features(x1), model.features(x2)
+        z1, z2 = model.encoder.fc(f1), model.encoder.fc(f2)
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        loss = official.loss_fn(p1, p2, z1, z2)
+    for key, value in dict(feat1=f1, feat2=f2, z1=z1, z2=z2, p1=p1, p2=p2, loss=loss).items():
+        out[key] = value.numpy()
+    model.load_state_dict(state)
+    loss = official.loss_fn(*model(x1=x1, x2=x2))
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            out[f"grad/{name}"] = param.grad.numpy().copy()
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    return out
 
 
 def train(model, meta, views1, views2, dtype) -> dict:
