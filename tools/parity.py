@@ -2,7 +2,7 @@
 
   python tools/parity.py --torch_python=.venv-parity/bin/python       # what `make parity` runs
   python tools/parity.py --torch_python=.venv-parity/bin/python \
-      --trajectory_data=folder:/data/cifar10 --workdir=/tmp/trajectory \
+      --trajectory_data=folder:PATH/TO/cifar10 --trajectory_batch=8 --workdir=DIR \
       --trajectory_figure=docs/figures/parity_trajectory.png
 
 Checks: simsiam_tf and the official model start from the same weights (the official state_dict
@@ -24,8 +24,14 @@ comparison is not one of constants. Compared, as the relative L2 error ||ours - 
 for `resnet18_cifar` at 32 px (batch 32), `resnet50` at 224 px (batch 4), and
 `resnet18_cifar_x2`: the 2-replica MirroredStrategy step (CPU split into 2 logical devices,
 model.sync_bn=True, as main_simsiam.py applies SyncBatchNorm to every distributed run) against
-one torch process on the same global batch of 32. The last line printed is `parity: ...`; the
-exit status is 1 when a bound fails.
+one torch process on the same global batch of 32.
+
+In float32 the worker also runs the official code in float64 on the same weights and views: a
+group also passes within FLOOR_FACTOR x the official code's own float32 error ("floor"), and
+"vs f64" is simsiam_tf's distance from that float64 result. The --float64_checks cases run
+once more with both sides in float64 (random BN gammas and betas, every path live from the
+first step; --float64_batch, --float64_steps), held to the bounds alone. The last line printed
+is `parity: ...` with every maximum; the exit status is 1 when a bound fails.
 
 With --trajectory_data, instead: --trajectory_steps steps of the CIFAR recipe on real photos,
 the view pairs drawn once by simsiam_tf's pipeline and written to --workdir, fed to both; the
@@ -56,6 +62,13 @@ _FLOAT64_CHECKS = flags.DEFINE_list(
     ["resnet18_cifar"],
     "Cases run once more in float64 on both sides, with random BN gammas and betas, so that "
     "every path carries gradient at the first step and no float32 rounding hides a difference.",
+)
+_F64_BATCH = flags.DEFINE_integer("float64_batch", 8, "Global batch of the float64 cases.")
+_F64_STEPS = flags.DEFINE_integer(
+    "float64_steps",
+    3,
+    "SGD steps of the float64 cases: with every residual branch live, lr 0.05 makes the run "
+    "chaotic within a few steps, and simsiam_tf's loss is float32 even in float64 mode.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the views.")
 _TORCH_PYTHON = flags.DEFINE_string(
@@ -269,6 +282,8 @@ def check_case(name: str, dtype: str, workdir: str) -> dict:
     backbone, size, batch, replicas, proj_layers, proj_hidden, wd = CASES[name]
     batch = _BATCH.value or batch
     steps = _STEPS.value
+    if dtype == "float64":
+        batch, steps = _F64_BATCH.value, _F64_STEPS.value
     total = 2 * steps  # the lr falls from --lr to half of it over the run: it changes each step
     start = time.time()
     net, strategy = build(
