@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(notdir $(REQUIREMENTS))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu \
-	test-import-torch
+	test-import-torch parity
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ $(PARITY_STAMP): requirements-parity.txt | $(STAMP)
 # Official PyTorch checkpoints made with torchvision, imported, exported and served.
 test-import-torch: $(PARITY_STAMP)
 	$(PARITY_PY) -m pytest -q -m "" tests/test_import_torch.py
+
+# Step-for-step parity with the official PyTorch code (tools/parity.py): TensorFlow runs in the
+# training venv, the official model in a worker process of the parity venv.
+parity: install $(PARITY_STAMP)
+	$(PY) tools/parity.py --torch_python=$(PARITY_PY)
 
 lint: install
 	$(PY) -m ruff check simsiam_tf tools tests configs

@@ -1,0 +1,530 @@
+"""Step-for-step parity with the official PyTorch SimSiam (tools/parity/official.py).
+
+  python tools/parity.py --torch_python=.venv-parity/bin/python       # what `make parity` runs
+  python tools/parity.py --torch_python=.venv-parity/bin/python \
+      --trajectory_data=folder:PATH/TO/cifar10 --trajectory_batch=8 --workdir=DIR \
+      --trajectory_figure=docs/figures/parity_trajectory.png
+
+Checks: simsiam_tf and the official model start from the same weights (the official state_dict
+written by simsiam_tf.torch_weights) and see the same view pairs. The torch side runs in its own
+process (tools/parity/worker.py, run by --torch_python), so the TensorFlow process never
+imports torch. The weights are simsiam_tf's initialisation, the official one
+(zero_init_residual: every block's last BN gamma is 0, so at the first step the residual
+branches' convolutions have zero gradients on both sides; from the second step on they train
+and the 10-step comparison covers them); the BN running statistics are randomised so that their
+comparison is not one of constants. Compared, as the relative L2 error ||ours - torch|| /
+||torch|| of each tensor (0 when both are 0), maximum over tensors:
+
+  feat, z, p, loss   the first step's forward pass, BN in training mode         bound 1e-5
+  grad               every gradient of that step                                 bound 1e-4
+  weight, bn, mom    every weight, BN running statistic and momentum buffer
+                     after --steps SGD steps (momentum 0.9, weight decay,
+                     --fix-pred-lr, a cosine lr that changes every step)         bound 1e-4
+
+for `resnet18_cifar` at 32 px (batch 32), `resnet50` at 224 px (batch 4), and
+`resnet18_cifar_x2`: the 2-replica MirroredStrategy step (CPU split into 2 logical devices,
+model.sync_bn=True, as main_simsiam.py applies SyncBatchNorm to every distributed run) against
+one torch process on the same global batch of 32.
+
+In float32 the worker also runs the official code in float64 on the same weights and views: a
+group also passes within FLOOR_FACTOR x the official code's own float32 error ("floor"), and
+"vs f64" is simsiam_tf's distance from that float64 result. The --float64_checks cases run
+once more with both sides in float64 (random BN gammas and betas, every path live from the
+first step; --float64_batch, --float64_steps), held to the bounds alone. The last line printed
+is `parity: ...` with every maximum; the exit status is 1 when a bound fails.
+
+With --trajectory_data, instead: --trajectory_steps steps of the CIFAR recipe on real photos,
+the view pairs drawn once by simsiam_tf's pipeline and written to --workdir, fed to both; the
+loss and z std of both are written to trajectory.json and plotted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+_CHECKS = flags.DEFINE_list(
+    "checks", ["resnet18_cifar", "resnet50", "resnet18_cifar_x2"], "Cases to run."
+)
+_STEPS = flags.DEFINE_integer("steps", 10, "SGD steps of each case.")
+_BATCH = flags.DEFINE_integer("batch", 0, "Global batch of every case (0: the case's own).")
+_LR = flags.DEFINE_float("lr", 0.05, "Peak learning rate (the recipes' lr at batch 256/512).")
+_FLOAT64_CHECKS = flags.DEFINE_list(
+    "float64_checks",
+    ["resnet18_cifar"],
+    "Cases run once more in float64 on both sides, with random BN gammas and betas, so that "
+    "every path carries gradient at the first step and no float32 rounding hides a difference.",
+)
+_F64_BATCH = flags.DEFINE_integer("float64_batch", 8, "Global batch of the float64 cases.")
+_F64_STEPS = flags.DEFINE_integer(
+    "float64_steps",
+    3,
+    "SGD steps of the float64 cases: with every residual branch live, lr 0.05 makes the run "
+    "chaotic within a few steps, and simsiam_tf's loss is float32 even in float64 mode.",
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the views.")
+_TORCH_PYTHON = flags.DEFINE_string(
+    "torch_python",
+    "",
+    "Python of the torch worker (default: this one), e.g. .venv-parity/bin/python.",
+)
+_TORCH_PATH = flags.DEFINE_string(
+    "torch_path", "", "A directory with torch and torchvision for the worker's PYTHONPATH."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "", "Where request/result files go (default: a temp dir)."
+)
+_TRAJ_DATA = flags.DEFINE_string(
+    "trajectory_data", "", "Data source of the trajectory run, e.g. folder:/path/to/cifar10."
+)
+_TRAJ_STEPS = flags.DEFINE_integer("trajectory_steps", 200, "Steps of the trajectory run.")
+_TRAJ_BATCH = flags.DEFINE_integer("trajectory_batch", 16, "Batch of the trajectory run.")
+_TRAJ_FIGURE = flags.DEFINE_string("trajectory_figure", "", "PNG of the trajectory curves.")
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity", "worker.py")
+# (backbone, image size, global batch, replicas, projector layers, projector width,
+#  weight decay): the CIFAR recipe (appendix D) and the ImageNet one (builder.py: 3 layers of
+# the backbone's width, 2048).
+CASES = {
+    "resnet18_cifar": ("resnet18_cifar", 32, 32, 1, 2, 2048, 5e-4),
+    "resnet50": ("resnet50", 224, 4, 1, 3, 2048, 1e-4),
+    "resnet18_cifar_x2": ("resnet18_cifar", 32, 32, 2, 2, 2048, 5e-4),
+}
+# In float32 a group also passes within FLOOR_FACTOR x its "floor": how far the official code's
+# own float32 result is from its float64 result on the same weights and views. Ill-conditioned
+# quantities (a gradient that nearly cancels, a bias grown from such gradients, anything after
+# BN over 4 samples) are only that accurate in float32, whichever framework computes them.
+FLOOR_FACTOR = 10.0
+BOUNDS = dict(
+    feat=1e-5, z=1e-5, p=1e-5, loss=1e-5, grad=1e-4, step_loss=1e-4, weight=1e-4, bn=1e-4, mom=1e-4
+)
+
+
+def rel_error(ours, theirs) -> float:
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    if ours.shape != theirs.shape:
+        raise ValueError(f"shapes differ: {ours.shape} vs {theirs.shape}")
+    return float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-30))
+
+
+def smooth_images(rng, n: int, size: int) -> np.ndarray:
+    """n float32 images in [0, 1], NHWC: random colour fields at 4x4 resolution, bilinearly
+    enlarged, times a random contrast, plus a little noise. Pure noise would make every image's
+    pooled features nearly the same, and the projector's BatchNorm would then divide float
+    rounding by a near-zero spread: a test of conditioning, not of parity."""
+    import tensorflow as tf
+
+    base = rng.uniform(0.0, 1.0, (n, 4, 4, 3)).astype(np.float32)
+    x = tf.image.resize(base, (size, size), "bilinear").numpy()
+    contrast = rng.uniform(0.3, 1.0, (n, 1, 1, 1)).astype(np.float32)
+    x = 0.5 + contrast * (x - 0.5) + rng.normal(0.0, 0.03, x.shape).astype(np.float32)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def build(backbone, size, batch, replicas, proj_layers, proj_hidden, wd, total_steps, seed):
+    """(model, strategy) of the recipe, built as training builds it (TorchSGD, per-step cosine
+    lr, fix_pred_lr)."""
+    import keras
+    import tensorflow as tf
+
+    from simsiam_tf import train
+    from simsiam_tf.config import default_config
+
+    c = default_config()
+    c.model.backbone = backbone
+    c.model.proj_layers = proj_layers
+    c.model.proj_hidden = proj_hidden
+    c.model.sync_bn = replicas > 1
+    c.optim.base_lr = _LR.value * 256.0 / batch  # so that the scaled lr is --lr
+    c.optim.epochs = 1
+    c.optim.warmup_epochs = 0
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = wd
+    c.optim.fix_pred_lr = True
+    c.optim.batch_size = batch
+    c.data.image_size = size
+    if replicas > 1:
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")][:replicas]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(seed)
+    net, _ = train.build_model_and_optimizer(c, total_steps, strategy)
+    return net, strategy
+
+
+def randomise_bn_statistics(net, seed: int, dtype: str) -> None:
+    """Random BN running means and variances (the affine parameters keep their init: random
+    gammas wake the residual branches at once, and float32 gradients of such a deep random
+    network are then accurate to only ~1e-3 in either framework, float64 being the reference)."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for sub in (net.backbone, net.projector, net.predictor):
+        for layer in sub.layers:
+            if not isinstance(layer, keras.layers.BatchNormalization):
+                continue
+            n = int(layer.moving_mean.shape[0])
+            if dtype == "float64" and layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, n))
+            if dtype == "float64" and layer.center:
+                layer.beta.assign(rng.uniform(-0.2, 0.2, n))
+            layer.moving_mean.assign(rng.normal(0.0, 0.2, n))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+
+
+def as_torch_names(net, values) -> dict:
+    """Per-trainable-variable arrays (gradients, momentum buffers) under the official names:
+    written into the variables for a moment and read back through torch_weights."""
+    from simsiam_tf import torch_weights
+
+    variables = net.trainable_variables
+    saved = [v.numpy() for v in variables]
+    for v, x in zip(variables, values):
+        v.assign(np.asarray(x).astype(v.dtype))
+    out = torch_weights.to_torch_state_dict(net)
+    for v, x in zip(variables, saved):
+        v.assign(x)
+    return out
+
+
+def run_worker(workdir: str, meta: dict, state_dict: dict) -> dict:
+    return finish_worker(start_worker(workdir, meta, state_dict))
+
+
+def start_worker(workdir: str, meta: dict, state_dict: dict):
+    """Starts the torch worker on a request written to `workdir`; see finish_worker."""
+    request = os.path.join(workdir, "request.npz")
+    result = os.path.join(workdir, "result.npz")
+    np.savez(request, meta=json.dumps(meta), **{f"sd/{k}": v for k, v in state_dict.items()})
+    env = dict(os.environ)
+    if _TORCH_PATH.value:
+        path = os.path.abspath(_TORCH_PATH.value)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [_TORCH_PYTHON.value or sys.executable, WORKER, request, result],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, result, time.time()
+
+
+def finish_worker(started) -> dict:
+    """Waits for the worker of start_worker; its results."""
+    proc, result, start = started
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"torch worker failed ({proc.returncode}):\n{stderr[-3000:]}")
+    logging.info("torch side: %.1f s", time.time() - start)
+    with np.load(result) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _meta(backbone, net, proj_layers, proj_hidden, wd, steps, total, views, probe, dtype, floor):
+    return dict(
+        arch=backbone,
+        dim=net.proj_dim,
+        pred_dim=int(net.predictor.get_layer("fc1").units),
+        proj_layers=proj_layers,
+        proj_hidden=proj_hidden,
+        init_lr=_LR.value,
+        momentum=0.9,
+        wd=wd,
+        steps=steps,
+        total_steps=total,
+        view1=views[0],
+        view2=views[1],
+        probe=probe,
+        dtype=dtype,
+        floor=floor,
+    )
+
+
+def train_steps(net, views1, views2, steps: int, batch: int):
+    """`steps` calls of the model's own fit, one batch each; (losses, z stds) per step."""
+    import tensorflow as tf
+
+    losses, z_stds = [], []
+    for t in range(steps):
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"view1": np.asarray(views1[t]), "view2": np.asarray(views2[t])}
+        ).batch(batch)
+        hist = net.fit(ds, epochs=1, verbose=0)
+        losses.append(hist.history["loss"][-1])
+        z_stds.append(hist.history["z_std"][-1])
+    return np.array(losses), np.array(z_stds)
+
+
+def set_dtype(dtype: str) -> None:
+    import keras
+
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+
+
+def check_case(name: str, dtype: str, workdir: str) -> dict:
+    """The maxima of the relative errors of one case, and the tensor of each maximum."""
+    import tensorflow as tf
+
+    set_dtype(dtype)
+    from simsiam_tf import losses, torch_weights
+
+    backbone, size, batch, replicas, proj_layers, proj_hidden, wd = CASES[name]
+    batch = _BATCH.value or batch
+    steps = _STEPS.value
+    if dtype == "float64":
+        batch, steps = _F64_BATCH.value, _F64_STEPS.value
+    total = 2 * steps  # the lr falls from --lr to half of it over the run: it changes each step
+    start = time.time()
+    net, strategy = build(
+        backbone, size, batch, replicas, proj_layers, proj_hidden, wd, total, _SEED.value
+    )
+    randomise_bn_statistics(net, _SEED.value, dtype)
+    rng = np.random.default_rng(_SEED.value + 1)
+    views = []
+    for i in (1, 2):
+        x = smooth_images(rng, steps * batch, size).reshape(steps, batch, size, size, 3)
+        x = x.astype(dtype)
+        path = os.path.join(workdir, f"{name}_{dtype}_view{i}.npy")
+        np.save(path, x)
+        views.append(path)
+    v1, v2 = np.load(views[0]), np.load(views[1])
+    state0 = torch_weights.to_torch_state_dict(net)
+    probe = replicas == 1
+    floor = dtype == "float32"
+    meta = _meta(
+        backbone, net, proj_layers, proj_hidden, wd, steps, total, views, probe, dtype, floor
+    )
+    theirs = run_worker(workdir, meta, state0)
+
+    errors, every = {}, {}
+
+    def keep_max(group, key, err):
+        every[f"{group} {key}"] = err
+        if err > errors.get(group, (-1.0, ""))[0]:
+            errors[group] = (err, key)
+
+    def record(group, key, ours, theirs_key):
+        keep_max(group, key, rel_error(ours, theirs[theirs_key]))
+        if "f64" + theirs_key in theirs:  # the official code's float32 against its float64
+            exact = theirs["f64" + theirs_key]
+            keep_max(f"{group}_floor", key, rel_error(theirs[theirs_key], exact))
+            keep_max(f"{group}_vs_f64", key, rel_error(ours, exact))
+
+    if probe:
+        snapshot = [v.numpy() for v in net.variables]
+        x1, x2 = tf.constant(v1[0]), tf.constant(v2[0])
+        feats = (net.backbone(x1, training=True), net.backbone(x2, training=True))
+        z1, z2, p1, p2 = net.forward_views(x1, x2, training=True)
+        loss = losses.simsiam_loss(p1, p2, z1, z2)
+        ours = dict(feat1=feats[0], feat2=feats[1], z1=z1, z2=z2, p1=p1, p2=p2, loss=loss)
+        for key, value in ours.items():
+            record(key.rstrip("12"), key, value.numpy(), key)
+        for v, s in zip(net.variables, snapshot):
+            v.assign(s)
+        with tf.GradientTape() as tape:
+            loss, _, _ = net.compute_simsiam_loss({"view1": x1, "view2": x2})
+        grads = tape.gradient(loss, net.trainable_variables)
+        named = as_torch_names(net, [g.numpy() for g in grads])
+        grad_keys = [k for k in theirs if k.startswith("grad/")]
+        if len(grad_keys) != len(grads):
+            raise RuntimeError(f"{len(grads)} gradients here, {len(grad_keys)} in torch")
+        for key in grad_keys:
+            record("grad", key[5:], named[key[5:]], key)
+        for v, s in zip(net.variables, snapshot):
+            v.assign(s)
+
+    ours_losses, ours_z = train_steps(net, v1, v2, steps, batch)
+    logging.info("%s losses: ours %s, torch %s", name, ours_losses, theirs["losses"])
+    record("step_loss", "losses", ours_losses, "losses")
+    final = torch_weights.to_torch_state_dict(net)
+    for key, value in final.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        group = "bn" if key.endswith(("running_mean", "running_var")) else "weight"
+        record(group, key, value, f"final/{key}")
+    opt = net.optimizer
+    moms = as_torch_names(
+        net, [opt.momentums[opt._get_variable_index(v)] for v in net.trainable_variables]
+    )
+    mom_keys = [k for k in theirs if k.startswith("momentum/")]
+    if len(mom_keys) != len(net.trainable_variables):
+        raise RuntimeError(f"{len(net.trainable_variables)} buffers here, {len(mom_keys)} in torch")
+    for key in mom_keys:
+        record("mom", key[9:], moms[key[9:]], key)
+    logging.info(
+        "%s: %d replica(s), batch %d, %d steps, %.1f s",
+        name,
+        replicas,
+        batch,
+        steps,
+        time.time() - start,
+    )
+    del strategy
+    with open(os.path.join(workdir, f"{name}_{dtype}_errors.json"), "w") as f:
+        json.dump(every, f, indent=1)
+    set_dtype("float32")
+    return errors
+
+
+def trajectory(workdir: str) -> None:
+    """The trajectory run (see the module docstring)."""
+    from simsiam_tf import data, torch_weights
+    from simsiam_tf.config import default_config
+
+    # The CIFAR recipe (configs/cifar10_resnet18.py): the default augmentations at 32 px,
+    # a 2-layer projector of width 2048, weight decay 5e-4.
+    c = default_config()
+    c.model.proj_layers, c.model.proj_hidden, c.optim.weight_decay = 2, 2048, 5e-4
+    steps, batch = _TRAJ_STEPS.value, _TRAJ_BATCH.value
+    source = data.load_source(_TRAJ_DATA.value, "train", steps * batch, _SEED.value)
+    if source is None:
+        raise ValueError(f"--trajectory_data={_TRAJ_DATA.value!r} has no train split")
+    c.data.image_size = 32
+    c.data.source = _TRAJ_DATA.value
+    ds = data.pretrain_dataset(source, c.data, c.aug, batch, _SEED.value, num_epochs=1)
+    v1, v2 = [], []
+    for b in ds.take(steps):
+        v1.append(b["view1"].numpy())
+        v2.append(b["view2"].numpy())
+    if len(v1) < steps:
+        raise ValueError(f"{_TRAJ_DATA.value} gave {len(v1)} batches of {batch}, not {steps}")
+    views = [os.path.join(workdir, f"trajectory_view{i}.npy") for i in (1, 2)]
+    np.save(views[0], np.stack(v1))
+    np.save(views[1], np.stack(v2))
+    v1, v2 = np.load(views[0], mmap_mode="r"), np.load(views[1], mmap_mode="r")
+    wd = c.optim.weight_decay
+    net, _ = build(
+        "resnet18_cifar",
+        32,
+        batch,
+        1,
+        c.model.proj_layers,
+        c.model.proj_hidden,
+        wd,
+        steps,
+        _SEED.value,
+    )
+    meta = _meta(
+        "resnet18_cifar",
+        net,
+        c.model.proj_layers,
+        c.model.proj_hidden,
+        wd,
+        steps,
+        steps,
+        views,
+        probe=False,
+        dtype="float32",
+        floor=False,
+    )
+    # Both sides at once: the torch worker is another process.
+    worker = start_worker(workdir, meta, torch_weights.to_torch_state_dict(net))
+    start = time.time()
+    ours_loss, ours_z = train_steps(net, v1, v2, steps, batch)
+    tf_s = time.time() - start
+    theirs = finish_worker(worker)
+    torch_s = time.time() - worker[2]
+    result = dict(
+        steps=steps,
+        batch=batch,
+        lr=_LR.value,
+        loss_tf=ours_loss.tolist(),
+        loss_torch=theirs["losses"].tolist(),
+        z_std_tf=ours_z.tolist(),
+        z_std_torch=theirs["z_std"].tolist(),
+        max_loss_gap=float(np.max(np.abs(ours_loss - theirs["losses"]))),
+        max_z_std_gap=float(np.max(np.abs(ours_z - theirs["z_std"]))),
+        seconds_tf=tf_s,
+        seconds_torch=torch_s,
+    )
+    with open(os.path.join(workdir, "trajectory.json"), "w") as f:
+        json.dump(result, f)
+    if _TRAJ_FIGURE.value:
+        plot_trajectory(result, _TRAJ_FIGURE.value)
+    print(
+        f"trajectory: {steps} steps batch {batch}: loss {ours_loss[0]:.4f} -> {ours_loss[-1]:.4f}, "
+        f"max |loss gap| {result['max_loss_gap']:.2e}, max |z std gap| {result['max_z_std_gap']:.2e}"
+    )
+
+
+def plot_trajectory(result: dict, path: str) -> None:
+    from simsiam_tf.plots import _figure
+
+    fig = _figure(10, 3.6)
+    steps = np.arange(1, result["steps"] + 1)
+    d = math.sqrt(2048)
+    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "z_std"), ("loss", "z std x sqrt(d)")):
+        scale = 1.0 if key == "loss" else d
+        ax.plot(
+            steps,
+            np.array(result[f"{key}_torch"]) * scale,
+            lw=3,
+            alpha=0.4,
+            label="official (PyTorch)",
+        )
+        ax.plot(steps, np.array(result[f"{key}_tf"]) * scale, lw=1, label="simsiam_tf")
+        gap = result[f"max_{key}_gap"] * scale
+        ax.set_title(f"{label}: largest gap {gap:.1e}")
+        ax.set_xlabel("step")
+        ax.legend()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+
+
+def main(argv):
+    del argv
+    for flag in (_CHECKS, _FLOAT64_CHECKS):
+        unknown = [c for c in flag.value if c not in CASES]
+        if unknown:
+            sys.exit(
+                f"error: --{flag.name}={','.join(unknown)} unknown; choose from {sorted(CASES)}"
+            )
+    if _STEPS.value < 1:
+        sys.exit(f"error: --steps={_STEPS.value} must be >= 1")
+    from simsiam_tf import distribute
+
+    distribute.split_cpu(2)  # before TensorFlow starts: the 2-replica case needs 2 devices
+    workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="parity_")
+    os.makedirs(workdir, exist_ok=True)
+    if _TRAJ_DATA.value:
+        trajectory(workdir)
+        return
+    failed, parts = [], []
+    runs = [(n, "float32") for n in _CHECKS.value] + [(n, "float64") for n in _FLOAT64_CHECKS.value]
+    for name, dtype in runs:
+        errors = check_case(name, dtype, workdir)
+        part = []
+        for group, bound in BOUNDS.items():
+            if group not in errors:
+                continue
+            err, key = errors[group]
+            text = f"{group}={err:.1e}"
+            floor = errors.get(f"{group}_floor")
+            if floor is not None:
+                bound = max(bound, FLOOR_FACTOR * floor[0])
+                text += f"(floor {floor[0]:.0e}, vs f64 {errors[f'{group}_vs_f64'][0]:.0e})"
+            logging.info("%s %s %s: max rel error %.2e (%s)", dtype, name, group, err, key)
+            if err > bound:
+                failed.append(f"{dtype} {name} {group} {err:.2e} > {bound:.1e} ({key})")
+            part.append(text)
+        parts.append(f"{name} {dtype} " + " ".join(part))
+    for line in failed:
+        print(f"FAILED: {line}")
+    print("parity: " + "; ".join(parts) + ("; FAILED" if failed else "; all within bounds"))
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

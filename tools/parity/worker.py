@@ -1,0 +1,117 @@
+"""The torch side of the parity harness, run in its own process by tools/parity.py.
+
+    python tools/parity/worker.py REQUEST.npz RESULT.npz
+
+REQUEST.npz holds `meta` (JSON: arch, dims, optimiser settings, steps, the two view files) and
+the initial official state_dict as `sd/<name>` arrays. The views are two .npy files of shape
+(steps, N, H, W, 3), float in [0, 1] or uint8, NHWC as simsiam_tf takes them; here they are
+normalised with the ImageNet mean/std (simsiam_tf's first layer) and made NCHW.
+
+RESULT.npz: with `probe`, the first step's backbone features, z, p, loss (`feat1`, `z1`, ...)
+and every gradient (`grad/<name>`), computed from the initial weights; then, after `steps`
+SGD steps, the state_dict (`final/<name>`) and the momentum buffers (`momentum/<name>`), and
+the per-step `losses` and `z_std`. With `floor`, the same steps once more in float64, under
+keys prefixed `f64`: how far the official code's own float32 run is from exact arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import numpy as np
+import official
+import torch
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+
+
+def to_input(views: np.ndarray) -> torch.Tensor:
+    """NCHW normalised images in the views' float type (uint8 views: float32 / 255)."""
+    x = np.asarray(views)
+    x = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x
+    x = (x - MEAN.astype(x.dtype)) / STD.astype(x.dtype)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def main(request_path: str, result_path: str) -> None:
+    torch.manual_seed(0)
+    req = np.load(request_path)
+    meta = json.loads(str(req["meta"]))
+    model = official.SimSiam(
+        meta["arch"], meta["dim"], meta["pred_dim"], meta["proj_layers"], meta["proj_hidden"]
+    )
+    state = {k[3:]: torch.from_numpy(np.array(req[k])) for k in req.files if k.startswith("sd/")}
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+    model.to(dtype)
+    model.load_state_dict(state, strict=True)
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    views1 = np.load(meta["view1"], mmap_mode="r")
+    views2 = np.load(meta["view2"], mmap_mode="r")
+    out = probe(model, state, views1[0], views2[0], dtype) if meta["probe"] else {}
+    out.update(train(model, meta, views1, views2, dtype))
+    if meta.get("floor"):
+        # The official code against itself: the same steps in float64 from the same weights.
+        reference = official.SimSiam(
+            meta["arch"], meta["dim"], meta["pred_dim"], meta["proj_layers"], meta["proj_hidden"]
+        ).to(torch.float64)
+        reference.load_state_dict(state, strict=True)
+        reference.train()
+        floor = (
+            probe(reference, state, views1[0], views2[0], torch.float64) if meta["probe"] else {}
+        )
+        floor.update(train(reference, meta, views1, views2, torch.float64))
+        out.update({f"f64{key}": value for key, value in floor.items()})
+    np.savez(result_path, **out)
+
+
+def probe(model, state, views1, views2, dtype) -> dict:
+    """The first step's features, z, p, loss and gradients; the model is left in `state`."""
+    out = {}
+    x1, x2 = to_input(views1).to(dtype), to_input(views2).to(dtype)
+    with torch.no_grad():
+        f1, f2 = model.features(x1), model.features(x2)
+        z1, z2 = model.encoder.fc(f1), model.encoder.fc(f2)
+        p1, p2 = model.predictor(z1), model.predictor(z2)
+        loss = official.loss_fn(p1, p2, z1, z2)
+    for key, value in dict(feat1=f1, feat2=f2, z1=z1, z2=z2, p1=p1, p2=p2, loss=loss).items():
+        out[key] = value.numpy()
+    model.load_state_dict(state)
+    loss = official.loss_fn(*model(x1=x1, x2=x2))
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            out[f"grad/{name}"] = param.grad.numpy().copy()
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def train(model, meta, views1, views2, dtype) -> dict:
+    """meta["steps"] steps of main_simsiam.py; the state_dict, momentum buffers, losses and z
+    stds after them."""
+    optimizer = official.make_optimizer(model, meta["init_lr"], meta["momentum"], meta["wd"])
+    losses, z_stds = [], []
+    for t in range(meta["steps"]):
+        official.adjust_learning_rate(optimizer, meta["init_lr"], t, meta["total_steps"])
+        x1, x2 = to_input(views1[t]).to(dtype), to_input(views2[t]).to(dtype)
+        loss, z_std = official.train_step(model, optimizer, x1, x2, monitor=True)
+        losses.append(loss)
+        z_stds.append(z_std)
+    out = {f"final/{name}": value.numpy() for name, value in model.state_dict().items()}
+    for name, param in model.named_parameters():
+        buffers = optimizer.state.get(param, {})
+        if "momentum_buffer" in buffers:
+            out[f"momentum/{name}"] = buffers["momentum_buffer"].numpy()
+    out["losses"] = np.array(losses)
+    out["z_std"] = np.array(z_stds)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: {sys.argv[0]} REQUEST.npz RESULT.npz")
+    main(sys.argv[1], sys.argv[2])
