@@ -410,10 +410,15 @@ def png_size(encoded: tf.Tensor, missing: int = 0) -> tf.Tensor:
 _SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 
 
-def _jpeg_segments(encoded: tf.Tensor):
+def _jpeg_segments(encoded: tf.Tensor, leading_only: bool = False):
     """(position of the TIFF header of the first APP1 Exif segment, position of the first frame
     header), -1 where absent: the marker segments from the SOI are followed by their lengths,
-    as libjpeg reads them, up to the first scan (SOS), the end, or bytes that are no segment."""
+    as libjpeg reads them, up to the first scan (SOS), the end, or bytes that are no segment.
+
+    `leading_only`: stop at the first segment that is not an application segment (APPn) or a
+    comment, where the Exif and JFIF specifications place the Exif segment; the walk then takes
+    2 or 3 steps instead of one per table, which matters when it runs for every training image.
+    """
 
     def walk(i, pos, exif, sof):
         seg = _bytes_at(encoded, pos, 10)  # FF, marker, length (2), "Exif\0\0"
@@ -427,6 +432,9 @@ def _jpeg_segments(encoded: tf.Tensor):
         exif = tf.where(tf.logical_and(is_segment, is_exif) & (exif < 0), pos + 10, exif)
         sof = tf.where(tf.logical_and(is_segment, is_sof) & (sof < 0), pos, sof)
         go_on = tf.logical_and(is_segment, tf.logical_and(marker != 0xDA, marker != 0xD9))
+        if leading_only:
+            leading = tf.logical_or(tf.logical_and(marker >= 0xE0, marker <= 0xEF), marker == 0xFE)
+            go_on = tf.logical_and(go_on, leading)
         pos = tf.where(go_on, pos + 2 + seg[2] * 256 + seg[3], tf.constant(-1, tf.int64))
         return i + 1, pos, exif, sof
 
@@ -454,8 +462,14 @@ def jpeg_orientation(encoded: tf.Tensor) -> tf.Tensor:
     Reads tag 0x0112 of the first IFD of the APP1 "Exif" segment, in either TIFF byte order.
     Every read is bounds-safe, so any bytes give an answer.
     """
+    tiff, _ = _jpeg_segments(encoded, leading_only=True)
+    # Most images carry no Exif segment: then nothing more is read.
+    return tf.cond(tiff >= 0, lambda: _exif_orientation(encoded, tiff), lambda: tf.constant(1))
+
+
+def _exif_orientation(encoded: tf.Tensor, tiff: tf.Tensor) -> tf.Tensor:
+    """Tag 0x0112 of IFD0 of the TIFF header at `tiff`; 1 when absent or unreadable."""
     u16 = lambda b, le: tf.where(le, b[0] + 256 * b[1], 256 * b[0] + b[1])
-    tiff, _ = _jpeg_segments(encoded)
     header = _bytes_at(encoded, tiff, 8)  # "II*\0" or "MM\0*", offset of IFD0 (4 bytes)
     little = tf.logical_and(tf.equal(header[0], 0x49), tf.equal(header[1], 0x49))
     big = tf.logical_and(tf.equal(header[0], 0x4D), tf.equal(header[1], 0x4D))
