@@ -1,12 +1,12 @@
 """Turns an image folder into sharded TFRecords with a manifest, for the `tfrecord:` source.
 
-  python tools/make_tfrecords.py --folder=/data/imagenet --output_dir=/data/imagenet-tfrecords \
+  python tools/make_tfrecords.py --folder=data/imagenet --output_dir=data/imagenet-tfrecords \
       [--shards_per_split=train=1024,val=64] [--examples_per_shard=1250]
 
 The folder is in ImageNet layout: split subfolders (train/, val/, test/, validation/) holding
 class subfolders; a folder without split subfolders is written as the train split. Labels
 follow the class names of the train split, so every split numbers classes alike. Then train with
---config.data.source=tfrecord:/data/imagenet-tfrecords.
+--config.data.source=tfrecord:data/imagenet-tfrecords.
 """
 
 import os
