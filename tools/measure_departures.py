@@ -184,7 +184,7 @@ def _interior(images: list, border: int) -> list:
 
 
 def measure_blur(photos: list, sigmas=(0.1, 0.5, 1.0, 1.5, 2.0)) -> list:
-    radius = augment.blur_radius(default_config().aug)  # 3 x sigma_max = 6 px for [0.1, 2]
+    radius = augment.blur_radius(default_config().aug.blur_sigma[1])  # 3 x 2 = 6 px
     rows = []
     for sigma in sigmas:
         pil, batched, planar = [], [], []
@@ -194,8 +194,7 @@ def measure_blur(photos: list, sigmas=(0.1, 0.5, 1.0, 1.5, 2.0)) -> list:
             batched.append(
                 _to_uint8(augment.gaussian_blur(x[None], tf.constant([sigma]), radius)[0])
             )
-            p = augment.blur_planar(tf.transpose(x, (2, 0, 1)), tf.constant(sigma), radius)
-            planar.append(_to_uint8(tf.transpose(p, (1, 2, 0))))
+            planar.append(_to_uint8(augment.blur_image(x, tf.constant(sigma), radius)))
         rows.append(
             {
                 "sigma": sigma,
@@ -243,14 +242,28 @@ def torchvision_pil(photo: np.ndarray, params: dict, active=range(4)) -> np.ndar
     return np.asarray(img)
 
 
+def _recipe_colour_layers(cfg):
+    """The recipe's ColorJitter and RandomGrayscale layers, as the training pipeline makes them."""
+    jitter = augment.ColorJitter(
+        cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, prob=cfg.jitter_prob
+    )
+    return jitter, augment.RandomGrayscale(prob=cfg.grayscale_prob)
+
+
 def _ours(photo: np.ndarray, params: dict, cfg) -> np.ndarray:
     batch = {k: tf.constant(np.asarray(v)[None]) for k, v in params.items()}
-    return _to_uint8(augment.apply_photometric(tf.constant(photo[None]), batch, cfg)[0])
+    jitter, gray = _recipe_colour_layers(cfg)
+    x = tf.constant(photo[None], tf.float32) / 255.0
+    x = jitter.augment_batch(x, {k: v for k, v in batch.items() if k != "grayscale"})
+    x = gray.augment_batch(x, {"grayscale": batch["grayscale"]})
+    return _to_uint8(x[0])
 
 
 def measure_colour(photos: list, seed: int) -> list:
     cfg = default_config().aug  # the recipe: ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, gray p=0.2
-    drawn = augment.sample_photometric(tf.constant([seed, 7], tf.int64), len(photos), cfg)
+    jitter, gray = _recipe_colour_layers(cfg)
+    seeds = tf.random.experimental.stateless_split(tf.constant([seed, 7], tf.int64), 2)
+    drawn = {**jitter.sample(seeds[0], len(photos)), **gray.sample(seeds[1], len(photos))}
     drawn = {k: v.numpy() for k, v in drawn.items()}
     per_image = [{k: v[i] for k, v in drawn.items()} for i in range(len(photos))]
     neutral = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
