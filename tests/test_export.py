@@ -252,9 +252,8 @@ def test_float_input_is_clipped_like_uint8(loaded):
     )
 
 
-def test_centre_crop_preprocessing_any_size(run, tmp_path):
-    """A run evaluated with eval_crop_fraction 0.875 (resize the shorter side, centre-crop):
-    the export reproduces that path for images of any shape."""
+def _centre_crop_run(run, tmp_path):
+    """A copy of the tiny run whose config evaluates with eval_crop_fraction 0.875."""
     crop_run = tmp_path / "crop_run"
     shutil.copytree(run, crop_run)
     with open(crop_run / "config.json") as f:
@@ -262,6 +261,13 @@ def test_centre_crop_preprocessing_any_size(run, tmp_path):
     config["data"]["eval_crop_fraction"] = 0.875
     with open(crop_run / "config.json", "w") as f:
         json.dump(config, f)
+    return crop_run
+
+
+def test_centre_crop_preprocessing_any_size(run, tmp_path):
+    """A run evaluated with eval_crop_fraction 0.875 (resize the shorter side, centre-crop):
+    the export reproduces that path for images of any shape."""
+    crop_run = _centre_crop_run(run, tmp_path)
     path = export.export(str(crop_run), str(tmp_path / "m"))  # checks itself before the rename
     enc = export.load_encoder(str(crop_run))
     assert enc.crop_fraction == 0.875
@@ -819,13 +825,7 @@ def test_eval_crops_before_resizing_and_serving_matches_it(run, tmp_path):
         path = folder / f"{i}.{fmt.lower()}"
         path.write_bytes(eh.encode(image, fmt))
         files.append(path)
-    crop_run = tmp_path / "crop_run"
-    shutil.copytree(run, crop_run)
-    with open(crop_run / "config.json") as f:
-        config = json.load(f)
-    config["data"]["eval_crop_fraction"] = 0.875
-    with open(crop_run / "config.json", "w") as f:
-        json.dump(config, f)
+    crop_run = _centre_crop_run(run, tmp_path)
     path = export.export(str(crop_run), str(tmp_path / "m"))
     enc = export.load_encoder(str(crop_run))
     source = data.load_source(f"folder:{folder}", "train")

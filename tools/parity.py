@@ -48,8 +48,10 @@ import sys
 import tempfile
 import time
 
+import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
+
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 _CHECKS = flags.DEFINE_list(
     "checks", ["resnet18_cifar", "resnet50", "resnet18_cifar_x2"], "Cases to run."
@@ -527,4 +529,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
