@@ -22,9 +22,7 @@ TINY = TINY_TRAIN_FLAGS + [
 
 
 def _train(workdir, *extra):
-    cmd = [sys.executable, "tools/train.py", f"--workdir={workdir}", *TINY, *extra]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    proc = _tool(*TINY, f"--workdir={workdir}", *extra, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
