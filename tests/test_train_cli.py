@@ -75,14 +75,9 @@ def test_train_on_an_image_folder(cifar10_folder, tmp_path):
 
 
 def test_bad_config_fails_before_reading_data(tmp_path):
-    cmd = [
-        sys.executable,
-        "tools/train.py",
-        f"--workdir={tmp_path}/x",
-        *TINY,
-        "--config.data.source=folder:/definitely/missing",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = _tool(
+        f"--workdir={tmp_path}/x", *TINY, "--config.data.source=folder:/definitely/missing"
+    )
     assert proc.returncode != 0
     assert "error: config.data.source" in proc.stderr and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
