@@ -18,13 +18,15 @@ def negative_cosine(p: tf.Tensor, z: tf.Tensor, stop_gradient: bool = True) -> t
       stop_gradient: detach z (the paper's method); False only for the collapse ablation.
 
     Returns:
-      A float32 scalar in [-1, 1].
+      A scalar in [-1, 1], float32 (float64 for float64 inputs).
     """
     if stop_gradient:
         z = tf.stop_gradient(z)
-    # Computed in float32 whatever the compute dtype, so mixed precision cannot round it away.
-    p = tf.math.l2_normalize(tf.cast(p, tf.float32), axis=-1)  # NxC
-    z = tf.math.l2_normalize(tf.cast(z, tf.float32), axis=-1)  # NxC
+    # At least float32 whatever the compute dtype, so mixed precision cannot round it away
+    # (float64 stays float64: the exact parity check runs the whole step in it).
+    dtype = tf.float64 if p.dtype == tf.float64 else tf.float32
+    p = tf.math.l2_normalize(tf.cast(p, dtype), axis=-1)  # NxC
+    z = tf.math.l2_normalize(tf.cast(z, dtype), axis=-1)  # NxC
     return -tf.reduce_mean(tf.reduce_sum(p * z, axis=-1))
 
 

@@ -44,6 +44,26 @@ def _dense_init():
 
 
 @keras.saving.register_keras_serializable("simsiam_tf")
+class Normalize(keras.layers.Layer):
+    """torchvision's `Normalize(mean, std)`: (x - mean) / std per channel, in the same order of
+    operations. The constants are cast from Python floats to the compute type, so a float64
+    model normalises in float64 (Keras' `Normalization` rounds given constants to float32 and
+    divides by sqrt(std**2))."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def call(self, inputs):
+        x = tf.cast(inputs, self.compute_dtype)
+        return (x - tf.constant(self.mean, x.dtype)) / tf.constant(self.std, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "mean": list(self.mean), "std": list(self.std)}
+
+
+@keras.saving.register_keras_serializable("simsiam_tf")
 class BatchNorm(keras.layers.BatchNormalization):
     """Keras BatchNormalization with the statistics of `torch.nn.BatchNorm` / `SyncBatchNorm`.
 
@@ -63,7 +83,7 @@ class BatchNorm(keras.layers.BatchNormalization):
         x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         mean, variance, count = self._global_moments(x)
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
-        momentum = tf.cast(self.momentum, x.dtype)
+        momentum = tf.convert_to_tensor(self.momentum, x.dtype)  # not via float32
         moving_mean = tf.cast(self.moving_mean, x.dtype)
         moving_variance = tf.cast(self.moving_variance, x.dtype)
         self.moving_mean.assign(
@@ -207,9 +227,7 @@ def build_backbone(
     if name not in BACKBONES:
         raise ValueError(f"model.backbone={name!r} is not known; choose one of {BACKBONES}")
     inputs = keras.Input((None, None, 3), name="images")
-    x = keras.layers.Normalization(
-        mean=list(mean), variance=[s * s for s in std], name="normalize"
-    )(inputs)
+    x = Normalize(mean, std, name="normalize")(inputs)
     if name == "resnet18_cifar":
         x = _resnet(x, _basic_block, (2, 2, 2, 2), True, sync_bn, zero_init_residual)
     elif name == "resnet18":

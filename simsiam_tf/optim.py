@@ -18,6 +18,12 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256.0
 
 
+def _const(value: float, dtype) -> tf.Tensor:
+    """A Python float as a tensor of `dtype`. (`tf.cast(0.9, tf.float64)` goes through float32
+    first: 0.9 - 2.4e-8.)"""
+    return tf.convert_to_tensor(value, dtype=dtype)
+
+
 @keras.saving.register_keras_serializable("simsiam_tf")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`.
@@ -39,12 +45,14 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_steps = int(warmup_steps)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
+        # In float64, as the official code's Python float, in its order of operations, then
+        # rounded once to the float type of the run (float32; float64 in the exact parity check).
+        step = tf.cast(step, tf.float64)
         warm = self.peak_lr * step / max(self.warmup_steps, 1)
         progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
         progress = tf.clip_by_value(progress, 0.0, 1.0)
-        cosine = 0.5 * self.peak_lr * (1.0 + tf.cos(math.pi * progress))
-        return tf.where(step < self.warmup_steps, warm, cosine)
+        cosine = self.peak_lr * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        return tf.cast(tf.where(step < self.warmup_steps, warm, cosine), keras.config.floatx())
 
     def get_config(self):
         return dict(
@@ -110,17 +118,18 @@ class TorchSGD(keras.optimizers.Optimizer):
     def _direction(self, gradient, variable):
         """The gradient the momentum buffer accumulates: here g + wd * w."""
         if self.l2_weight_decay:
-            gradient = gradient + tf.cast(self.l2_weight_decay, variable.dtype) * variable
+            gradient = gradient + _const(self.l2_weight_decay, variable.dtype) * variable
         return gradient
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         if self.uses_fixed_lr(variable):
-            learning_rate = self.fixed_lr
-        lr = tf.cast(learning_rate, dtype)
+            lr = _const(self.fixed_lr, dtype)
+        else:
+            lr = tf.cast(learning_rate, dtype)
         gradient = self._direction(tf.cast(gradient, dtype), variable)
         buf = self.momentums[self._get_variable_index(variable)]
-        self.assign(buf, tf.cast(self.momentum, dtype) * buf + gradient)
+        self.assign(buf, _const(self.momentum, dtype) * buf + gradient)
         self.assign_sub(variable, lr * buf)
 
     def get_config(self):
@@ -212,13 +221,13 @@ class LARS(TorchSGD):
 
     def _direction(self, gradient, variable):
         dtype = variable.dtype
-        trust = tf.cast(self.trust_coefficient, dtype)
-        wd = tf.cast(self.l2_weight_decay, dtype)
+        trust = _const(self.trust_coefficient, dtype)
+        wd = _const(self.l2_weight_decay, dtype)
         w_norm = tf.norm(variable)
         if self.rule == "larc":
             g_norm = tf.norm(gradient)
             apply = (w_norm > 0) & (g_norm > 0)
-            ratio = trust * w_norm / (g_norm + wd * w_norm + tf.cast(self.eps, dtype))
+            ratio = trust * w_norm / (g_norm + wd * w_norm + _const(self.eps, dtype))
             return tf.where(apply, (gradient + wd * variable) * ratio, gradient)
         if len(variable.shape) <= 1:
             return gradient
@@ -226,7 +235,7 @@ class LARS(TorchSGD):
         g_norm = tf.norm(gradient)
         ratio = tf.where(
             (w_norm > 0) & (g_norm > 0),
-            trust * w_norm / tf.maximum(g_norm, tf.cast(1e-30, dtype)),
+            trust * w_norm / tf.maximum(g_norm, _const(1e-30, dtype)),
             tf.ones_like(w_norm),
         )
         return gradient * ratio

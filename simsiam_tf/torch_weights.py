@@ -121,7 +121,7 @@ def backbone_tensors(backbone: keras.Model, prefix: str = "") -> list:
     """
     keyed = []
     for layer in backbone.layers:
-        if not layer.weights or isinstance(layer, keras.layers.Normalization):
+        if not layer.weights or layer.name == "normalize":
             continue  # the input normalisation is a constant of the recipe, not a torch tensor
         if layer.name in _STEM:
             path, order = _STEM[layer.name]

@@ -26,12 +26,14 @@ for `resnet18_cifar` at 32 px (batch 32), `resnet50` at 224 px (batch 4), and
 model.sync_bn=True, as main_simsiam.py applies SyncBatchNorm to every distributed run) against
 one torch process on the same global batch of 32.
 
-In float32 the worker also runs the official code in float64 on the same weights and views: a
-group also passes within FLOOR_FACTOR x the official code's own float32 error ("floor"), and
-"vs f64" is simsiam_tf's distance from that float64 result. The --float64_checks cases run
-once more with both sides in float64 (random BN gammas and betas, every path live from the
-first step; --float64_batch, --float64_steps), held to the bounds alone. The last line printed
-is `parity: ...` with every maximum; the exit status is 1 when a bound fails.
+Every case runs twice. In float64 on both sides (random BN gammas and betas, every path live
+from the first step), where every group is held to the bounds above: this is the exact check.
+In float32, where the worker also runs the official code in float64 on the same weights and
+views: "floor" is the official code's own float32 error against that, and "vs f64" simsiam_tf's.
+A first-step group passes within max(bound, FLOOR_FACTOR x floor); the groups after the steps
+are reported (marked *), as ten float32 steps take the official code itself 1e-2 to 1 from its
+float64 run (docs/FIDELITY.md). The last line printed is `parity: ...` with every maximum; the
+exit status is 1 when a bound fails.
 
 With --trajectory_data, instead: --trajectory_steps steps of the CIFAR recipe on real photos,
 the view pairs drawn once by simsiam_tf's pipeline and written to --workdir, fed to both; the
@@ -58,19 +60,32 @@ _CHECKS = flags.DEFINE_list(
 )
 _STEPS = flags.DEFINE_integer("steps", 10, "SGD steps of each case.")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch of every case (0: the case's own).")
-_LR = flags.DEFINE_float("lr", 0.05, "Peak learning rate (the recipes' lr at batch 256/512).")
+_LR = flags.DEFINE_float(
+    "base_lr",
+    0.05,
+    "Base learning rate: the peak lr is base_lr x batch / 256, main_simsiam.py's rule (0.05 is "
+    "the recipes' base lr).",
+)
 _FLOAT64_CHECKS = flags.DEFINE_list(
     "float64_checks",
-    ["resnet18_cifar"],
+    ["resnet18_cifar", "resnet50", "resnet18_cifar_x2"],
     "Cases run once more in float64 on both sides, with random BN gammas and betas, so that "
     "every path carries gradient at the first step and no float32 rounding hides a difference.",
 )
-_F64_BATCH = flags.DEFINE_integer("float64_batch", 8, "Global batch of the float64 cases.")
+_F64_BATCH = flags.DEFINE_integer(
+    "float64_batch", 0, "Global batch of the float64 cases (0: the case's own)."
+)
 _F64_STEPS = flags.DEFINE_integer(
-    "float64_steps",
-    3,
-    "SGD steps of the float64 cases: with every residual branch live, lr 0.05 makes the run "
-    "chaotic within a few steps, and simsiam_tf's loss is float32 even in float64 mode.",
+    "float64_steps", 0, "SGD steps of the float64 cases (0: --steps)."
+)
+_CASE = flags.DEFINE_string(
+    "case", "", "Internal: run one NAME:DTYPE case in this process and write its errors."
+)
+_F64_AFFINE = flags.DEFINE_list(
+    "float64_random_affine",
+    ["resnet18_cifar", "resnet18_cifar_x2"],
+    "float64 cases whose BN gammas and betas are drawn at random (every path live from the "
+    "first step); the others keep the official initialisation.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the views.")
 _TORCH_PYTHON = flags.DEFINE_string(
@@ -89,6 +104,12 @@ _TRAJ_DATA = flags.DEFINE_string(
 )
 _TRAJ_STEPS = flags.DEFINE_integer("trajectory_steps", 200, "Steps of the trajectory run.")
 _TRAJ_BATCH = flags.DEFINE_integer("trajectory_batch", 16, "Batch of the trajectory run.")
+_TRAJ_DTYPES = flags.DEFINE_list(
+    "trajectory_dtypes",
+    ["float64", "float32"],
+    "Float types of the trajectory runs: float64 shows the two implementations are one "
+    "computation, float32 how far rounding alone takes them apart over the run.",
+)
 _TRAJ_FIGURE = flags.DEFINE_string("trajectory_figure", "", "PNG of the trajectory curves.")
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parity", "worker.py")
@@ -100,11 +121,15 @@ CASES = {
     "resnet50": ("resnet50", 224, 4, 1, 3, 2048, 1e-4),
     "resnet18_cifar_x2": ("resnet18_cifar", 32, 32, 2, 2, 2048, 5e-4),
 }
-# In float32 a group also passes within FLOOR_FACTOR x its "floor": how far the official code's
-# own float32 result is from its float64 result on the same weights and views. Ill-conditioned
-# quantities (a gradient that nearly cancels, a bias grown from such gradients, anything after
-# BN over 4 samples) are only that accurate in float32, whichever framework computes them.
+# The float64 cases are held to BOUNDS. In float32 a first-step group also passes within
+# FLOOR_FACTOR x its "floor": how far the official code's own float32 result is from its float64
+# result on the same weights and views. Ill-conditioned quantities (a gradient that nearly
+# cancels, anything after BN over 4 samples) are only that accurate in float32, whichever
+# framework computes them. The float32 groups after the steps (AFTER_STEPS) are reported: ten
+# steps amplify such rounding in both frameworks alike (the official float32 run ends 1e-2 to 1
+# from its own float64 run), so no bound on them would be met by the official code itself.
 FLOOR_FACTOR = 10.0
+AFTER_STEPS = ("step_loss", "weight", "bn", "mom")
 BOUNDS = dict(
     feat=1e-5, z=1e-5, p=1e-5, loss=1e-5, grad=1e-4, step_loss=1e-4, weight=1e-4, bn=1e-4, mom=1e-4
 )
@@ -145,7 +170,7 @@ def build(backbone, size, batch, replicas, proj_layers, proj_hidden, wd, total_s
     c.model.proj_layers = proj_layers
     c.model.proj_hidden = proj_hidden
     c.model.sync_bn = replicas > 1
-    c.optim.base_lr = _LR.value * 256.0 / batch  # so that the scaled lr is --lr
+    c.optim.base_lr = _LR.value  # scaled by batch / 256 in train.build_model_and_optimizer
     c.optim.epochs = 1
     c.optim.warmup_epochs = 0
     c.optim.momentum = 0.9
@@ -163,7 +188,7 @@ def build(backbone, size, batch, replicas, proj_layers, proj_hidden, wd, total_s
     return net, strategy
 
 
-def randomise_bn_statistics(net, seed: int, dtype: str) -> None:
+def randomise_bn_statistics(net, seed: int, affine: bool) -> None:
     """Random BN running means and variances (the affine parameters keep their init: random
     gammas wake the residual branches at once, and float32 gradients of such a deep random
     network are then accurate to only ~1e-3 in either framework, float64 being the reference)."""
@@ -175,9 +200,9 @@ def randomise_bn_statistics(net, seed: int, dtype: str) -> None:
             if not isinstance(layer, keras.layers.BatchNormalization):
                 continue
             n = int(layer.moving_mean.shape[0])
-            if dtype == "float64" and layer.scale:
+            if affine and layer.scale:
                 layer.gamma.assign(rng.uniform(0.5, 1.5, n))
-            if dtype == "float64" and layer.center:
+            if affine and layer.center:
                 layer.beta.assign(rng.uniform(-0.2, 0.2, n))
             layer.moving_mean.assign(rng.normal(0.0, 0.2, n))
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
@@ -239,7 +264,7 @@ def _meta(backbone, net, proj_layers, proj_hidden, wd, steps, total, views, prob
         pred_dim=int(net.predictor.get_layer("fc1").units),
         proj_layers=proj_layers,
         proj_hidden=proj_hidden,
-        init_lr=_LR.value,
+        init_lr=net.optimizer._learning_rate.peak_lr,  # the peak of our schedule, a Python float
         momentum=0.9,
         wd=wd,
         steps=steps,
@@ -285,13 +310,13 @@ def check_case(name: str, dtype: str, workdir: str) -> dict:
     batch = _BATCH.value or batch
     steps = _STEPS.value
     if dtype == "float64":
-        batch, steps = _F64_BATCH.value, _F64_STEPS.value
+        batch, steps = _F64_BATCH.value or batch, _F64_STEPS.value or steps
     total = 2 * steps  # the lr falls from --lr to half of it over the run: it changes each step
     start = time.time()
     net, strategy = build(
         backbone, size, batch, replicas, proj_layers, proj_hidden, wd, total, _SEED.value
     )
-    randomise_bn_statistics(net, _SEED.value, dtype)
+    randomise_bn_statistics(net, _SEED.value, dtype == "float64" and name in _F64_AFFINE.value)
     rng = np.random.default_rng(_SEED.value + 1)
     views = []
     for i in (1, 2):
@@ -375,13 +400,25 @@ def check_case(name: str, dtype: str, workdir: str) -> dict:
     del strategy
     with open(os.path.join(workdir, f"{name}_{dtype}_errors.json"), "w") as f:
         json.dump(every, f, indent=1)
+    with open(os.path.join(workdir, f"{name}_{dtype}_maxima.json"), "w") as f:
+        json.dump(errors, f, indent=1)
     set_dtype("float32")
     return errors
 
 
+def check_case_in_child(name: str, dtype: str, workdir: str) -> dict:
+    """check_case in a process of its own: each case gets a fresh TensorFlow (a float32 and a
+    float64 MirroredStrategy in one process would share collective instance keys)."""
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--workdir", "--case"))]
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--workdir={workdir}"]
+    subprocess.run(cmd + [f"--case={name}:{dtype}"], check=True)
+    with open(os.path.join(workdir, f"{name}_{dtype}_maxima.json")) as f:
+        return {group: tuple(value) for group, value in json.load(f).items()}
+
+
 def trajectory(workdir: str) -> None:
-    """The trajectory run (see the module docstring)."""
-    from simsiam_tf import data, torch_weights
+    """The trajectory run (see the module docstring), once per --trajectory_dtypes."""
+    from simsiam_tf import data
     from simsiam_tf.config import default_config
 
     # The CIFAR recipe (configs/cifar10_resnet18.py): the default augmentations at 32 px,
@@ -401,10 +438,31 @@ def trajectory(workdir: str) -> None:
         v2.append(b["view2"].numpy())
     if len(v1) < steps:
         raise ValueError(f"{_TRAJ_DATA.value} gave {len(v1)} batches of {batch}, not {steps}")
-    views = [os.path.join(workdir, f"trajectory_view{i}.npy") for i in (1, 2)]
-    np.save(views[0], np.stack(v1))
-    np.save(views[1], np.stack(v2))
-    v1, v2 = np.load(views[0], mmap_mode="r"), np.load(views[1], mmap_mode="r")
+    results = {}
+    for dtype in _TRAJ_DTYPES.value:
+        # float32 as training feeds it (uint8 views, divided by 255 on each side); float64 as
+        # float64 values of the same pixels, so that nothing on either side rounds to float32.
+        views = [os.path.join(workdir, f"trajectory_{dtype}_view{i}.npy") for i in (1, 2)]
+        for path, v in zip(views, (v1, v2)):
+            v = np.stack(v)
+            np.save(path, v if dtype == "float32" else v.astype(np.float64) / 255.0)
+        results[dtype] = _trajectory_run(c, steps, batch, views, dtype, workdir)
+    with open(os.path.join(workdir, "trajectory.json"), "w") as f:
+        json.dump(results, f)
+    if _TRAJ_FIGURE.value:
+        plot_trajectory(results, _TRAJ_FIGURE.value)
+    for dtype, r in results.items():
+        print(
+            f"trajectory {dtype}: {steps} steps batch {batch}: loss {r['loss_tf'][0]:.4f} -> "
+            f"{r['loss_tf'][-1]:.4f}, max |loss gap| {r['max_loss_gap']:.2e}, "
+            f"max |z std gap| {r['max_z_std_gap']:.2e}"
+        )
+
+
+def _trajectory_run(c, steps, batch, views, dtype, workdir) -> dict:
+    from simsiam_tf import torch_weights
+
+    set_dtype(dtype)
     wd = c.optim.weight_decay
     net, _ = build(
         "resnet18_cifar",
@@ -427,9 +485,10 @@ def trajectory(workdir: str) -> None:
         steps,
         views,
         probe=False,
-        dtype="float32",
+        dtype=dtype,
         floor=False,
     )
+    v1, v2 = np.load(views[0], mmap_mode="r"), np.load(views[1], mmap_mode="r")
     # Both sides at once: the torch worker is another process.
     worker = start_worker(workdir, meta, torch_weights.to_torch_state_dict(net))
     start = time.time()
@@ -437,49 +496,49 @@ def trajectory(workdir: str) -> None:
     tf_s = time.time() - start
     theirs = finish_worker(worker)
     torch_s = time.time() - worker[2]
-    result = dict(
+    set_dtype("float32")
+    loss_gap = np.abs(ours_loss - theirs["losses"])
+    return dict(
         steps=steps,
         batch=batch,
-        lr=_LR.value,
+        lr=_LR.value * batch / 256.0,
+        dtype=dtype,
         loss_tf=ours_loss.tolist(),
         loss_torch=theirs["losses"].tolist(),
         z_std_tf=ours_z.tolist(),
         z_std_torch=theirs["z_std"].tolist(),
-        max_loss_gap=float(np.max(np.abs(ours_loss - theirs["losses"]))),
+        max_loss_gap=float(np.max(loss_gap)),
+        first_loss_gap_above_1e_3=(
+            int(np.argmax(loss_gap > 1e-3)) + 1 if np.any(loss_gap > 1e-3) else None
+        ),
         max_z_std_gap=float(np.max(np.abs(ours_z - theirs["z_std"]))),
         seconds_tf=tf_s,
         seconds_torch=torch_s,
     )
-    with open(os.path.join(workdir, "trajectory.json"), "w") as f:
-        json.dump(result, f)
-    if _TRAJ_FIGURE.value:
-        plot_trajectory(result, _TRAJ_FIGURE.value)
-    print(
-        f"trajectory: {steps} steps batch {batch}: loss {ours_loss[0]:.4f} -> {ours_loss[-1]:.4f}, "
-        f"max |loss gap| {result['max_loss_gap']:.2e}, max |z std gap| {result['max_z_std_gap']:.2e}"
-    )
 
 
-def plot_trajectory(result: dict, path: str) -> None:
+def plot_trajectory(results: dict, path: str) -> None:
     from simsiam_tf.plots import _figure
 
-    fig = _figure(10, 3.6)
-    steps = np.arange(1, result["steps"] + 1)
+    fig = _figure(10, 3.4 * len(results))
+    axes = fig.subplots(len(results), 2, squeeze=False)
     d = math.sqrt(2048)
-    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "z_std"), ("loss", "z std x sqrt(d)")):
-        scale = 1.0 if key == "loss" else d
-        ax.plot(
-            steps,
-            np.array(result[f"{key}_torch"]) * scale,
-            lw=3,
-            alpha=0.4,
-            label="official (PyTorch)",
-        )
-        ax.plot(steps, np.array(result[f"{key}_tf"]) * scale, lw=1, label="simsiam_tf")
-        gap = result[f"max_{key}_gap"] * scale
-        ax.set_title(f"{label}: largest gap {gap:.1e}")
-        ax.set_xlabel("step")
-        ax.legend()
+    for row, (dtype, result) in zip(axes, results.items()):
+        steps = np.arange(1, result["steps"] + 1)
+        for ax, key, label in zip(row, ("loss", "z_std"), ("loss", "z std x sqrt(d)")):
+            scale = 1.0 if key == "loss" else d
+            ax.plot(
+                steps,
+                np.array(result[f"{key}_torch"]) * scale,
+                lw=3,
+                alpha=0.4,
+                label="official (PyTorch)",
+            )
+            ax.plot(steps, np.array(result[f"{key}_tf"]) * scale, lw=1, label="simsiam_tf")
+            gap = result[f"max_{key}_gap"] * scale
+            ax.set_title(f"{dtype}, batch {result['batch']}: {label}, largest gap {gap:.1e}")
+            ax.set_xlabel("step")
+            ax.legend()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
 
@@ -502,10 +561,13 @@ def main(argv):
     if _TRAJ_DATA.value:
         trajectory(workdir)
         return
+    if _CASE.value:
+        check_case(*_CASE.value.split(":"), workdir)
+        return
     failed, parts = [], []
-    runs = [(n, "float32") for n in _CHECKS.value] + [(n, "float64") for n in _FLOAT64_CHECKS.value]
+    runs = [(n, "float64") for n in _FLOAT64_CHECKS.value] + [(n, "float32") for n in _CHECKS.value]
     for name, dtype in runs:
-        errors = check_case(name, dtype, workdir)
+        errors = check_case_in_child(name, dtype, workdir)
         part = []
         for group, bound in BOUNDS.items():
             if group not in errors:
@@ -514,8 +576,12 @@ def main(argv):
             text = f"{group}={err:.1e}"
             floor = errors.get(f"{group}_floor")
             if floor is not None:
-                bound = max(bound, FLOOR_FACTOR * floor[0])
                 text += f"(floor {floor[0]:.0e}, vs f64 {errors[f'{group}_vs_f64'][0]:.0e})"
+                if group in AFTER_STEPS:
+                    text += "*"  # float32 after the steps: reported, judged in float64
+                    bound = math.inf
+                else:
+                    bound = max(bound, FLOOR_FACTOR * floor[0])
             logging.info("%s %s %s: max rel error %.2e (%s)", dtype, name, group, err, key)
             if err > bound:
                 failed.append(f"{dtype} {name} {group} {err:.2e} > {bound:.1e} ({key})")
@@ -523,6 +589,8 @@ def main(argv):
         parts.append(f"{name} {dtype} " + " ".join(part))
     for line in failed:
         print(f"FAILED: {line}")
+    if _CHECKS.value:
+        print("* float32 after the steps: reported, not bounded; the float64 cases bound them")
     print("parity: " + "; ".join(parts) + ("; FAILED" if failed else "; all within bounds"))
     if failed:
         sys.exit(1)
