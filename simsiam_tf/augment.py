@@ -577,6 +577,11 @@ class HorizontalFlip(RecipeLayer):
     def augment_one(self, image, params):
         return tf.cond(params["flip"], lambda: tf.reverse(image, axis=[1]), lambda: image)
 
+    def _ensure_inputs_are_compute_dtype(self, inputs):
+        # A mirror is exact in any type: uint8 views stay uint8 (keras-cv would cast them to
+        # float32 first, 4x the bytes to move).
+        return inputs
+
     def get_config(self):
         config = super().get_config()
         config.update(prob=self.prob)
@@ -863,6 +868,22 @@ class TwoViewRecipe:
         indexed = list(enumerate(self.layers))
         self.cpu_layers = [(i, x) for i, x in indexed if not on_device or _is_geometric(x)]
         self.device_layers = [(i, x) for i, x in indexed if on_device and not _is_geometric(x)]
+        self._to_uint8 = to_uint8
+        self._round_after_crop = False
+        if on_device and all(
+            isinstance(x, (RandomResizedCrop, HorizontalFlip)) for _, x in self.cpu_layers
+        ):
+            # The CPU stage is crop and flip, rounded to uint8 views: its crop resamples straight
+            # to 0-255 (a copy of the layer with rescale 1 instead of 1/255), so that the views
+            # need no x255 and no clip (the resampling weights are >= 0 and sum to 1), and are
+            # rounded before the flip, which then moves a quarter of the bytes (rounding and
+            # mirroring commute).
+            crop = self.cpu_layers[0][1]
+            if crop.rescale * 255.0 == 1.0:
+                clone = RandomResizedCrop.from_config({**crop.get_config(), "rescale": 1.0})
+                self.cpu_layers[0] = (self.cpu_layers[0][0], clone)
+                self._to_uint8 = lambda views: tf.cast(tf.round(views), tf.uint8)
+                self._round_after_crop = True
 
     @property
     def description(self) -> str:
@@ -872,7 +893,9 @@ class TwoViewRecipe:
         """A decoded uint8 image HxWx3 (or a batch NxHxWx3 of one size) -> its view(s), uint8."""
         for i, layer in self.cpu_layers:
             images = _call(layer, images, fold_seed(seed, i))
-        return images if images.dtype == tf.uint8 else to_uint8(images)
+            if self._round_after_crop and isinstance(layer, RandomResizedCrop):
+                images = self._to_uint8(images)
+        return images if images.dtype == tf.uint8 else self._to_uint8(images)
 
     def device_params(self, seed, n) -> dict:
         """Per-image parameters of the device stage's recipe layers for n views: {"layerI": ...}."""

@@ -23,6 +23,7 @@ seeded per epoch (`data.shuffle_buffer` examples wide), so each epoch has its ow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tarfile
@@ -596,13 +597,47 @@ def _decode(encoded, ratio_fn, window_fn) -> tf.Tensor:
     return image
 
 
+_EXIF_ID = b"Exif\0\0"
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_any(ratio: int):
+    """`_decode` of one image at a fixed ratio as a function that the graph calls, not inlines
+    (`_noinline`): a `tf.cond` branch of inlined ops costs every one of its ops on each call,
+    taken or not (the executor passes them dead tensors), and this one is ~200 ops."""
+
+    def decode(encoded):
+        return _decode(encoded, None if ratio == 1 else (lambda h, w: ratio), None)
+
+    return tf.function(
+        decode,
+        input_signature=[tf.TensorSpec([], tf.string)],
+        experimental_attributes={"_noinline": True},
+    )
+
+
 def decode_rgb(encoded: tf.Tensor, ratio: int = 1) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 HxWx3 as a viewer shows the image: a JPEG turned
     by its EXIF orientation, transparency composited onto ALPHA_BACKGROUND, grayscale, palette
-    and 16-bit images made 8-bit RGB. A JPEG is decoded at 1/ratio scale (1, 2, 4 or 8)."""
+    and 16-bit images made 8-bit RGB. A JPEG is decoded at 1/ratio scale (1, 2, 4 or 8).
+
+    A JPEG whose bytes hold no Exif identifier anywhere has no orientation to apply: it takes
+    libjpeg's decoder alone (the same pixels, ~0.2 ms less per training image); every other
+    image takes the general decoder."""
     if ratio not in _DCT_RATIOS:
         raise ValueError(f"ratio={ratio}: libjpeg scales by one of {_DCT_RATIOS}")
-    return _decode(encoded, None if ratio == 1 else (lambda h, w: ratio), None)
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    plain_jpeg = tf.logical_and(
+        tf.equal(tf.strings.substr(encoded, 0, len(JPEG_MAGIC)), JPEG_MAGIC),
+        tf.equal(tf.size(tf.strings.split(encoded, sep=_EXIF_ID)), 1),
+    )
+    image = tf.cond(
+        plain_jpeg,
+        lambda: _decode_jpeg(encoded, ratio),
+        lambda: _decode_any(ratio)(encoded),
+    )
+    image.set_shape((None, None, 3))
+    return image
 
 
 # ------------------------------------------------------------------------------------------------

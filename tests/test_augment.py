@@ -392,6 +392,28 @@ def test_file_pipeline_device_mode_matches_cpu_mode(tmp_path):
         assert diff.mean() < 0.5 and np.mean(diff <= 2) > 0.99
 
 
+def test_device_mode_cpu_stage_is_crop_then_flip_rounded_once():
+    """Device mode's CPU stage resamples to 0-255 and rounds before the flip: the same views as
+    the recipe's own layers (crop to [0, 1], flip, x255, round), to within float rounding."""
+    recipe = augment.TwoViewRecipe(_aug(), 32, "device")
+    crop, flip = recipe.layers[0], recipe.layers[-1]
+    assert crop.rescale == 1 / 255 and isinstance(flip, augment.HorizontalFlip)
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        image = tf.constant(rng.integers(0, 256, (int(rng.integers(20, 90)), 57, 3)), tf.uint8)
+        seed = augment.fold_seed(tf.constant([1, 2], tf.int64), i)
+        got = recipe.cpu_stage(image, seed)
+        assert got.dtype == tf.uint8 and got.shape == (32, 32, 3)
+        view = augment._call(crop, image, augment.fold_seed(seed, 0))
+        view = augment._call(flip, view, augment.fold_seed(seed, len(recipe.layers) - 1))
+        want = augment.to_uint8(view).numpy().astype(int)
+        diff = np.abs(got.numpy().astype(int) - want)
+        assert diff.max() <= 1 and diff.mean() < 0.01
+    # The flip keeps a uint8 view uint8 (keras-cv would make it float32).
+    flipped = augment._call(flip, tf.zeros((4, 5, 3), tf.uint8), tf.constant([0, 1], tf.int64))
+    assert flipped.dtype == tf.uint8
+
+
 def test_per_example_parameters_keep_the_recipe_distributions():
     recipe = augment.TwoViewRecipe(_aug(), 32, "device")
     base = tf.constant([0, 0x5157], tf.int64)
