@@ -2,7 +2,8 @@
 
   python tools/parity.py --torch_python=.venv-parity/bin/python       # what `make parity` runs
   python tools/parity.py --torch_python=.venv-parity/bin/python \
-      --trajectory_data=folder:PATH/TO/cifar10 --trajectory_batch=8 --workdir=DIR \
+      --trajectory_data=archive:../shared/data/cifar10-jpeg.tar.gz --trajectory_batch=16 \
+      --base_lr=0.8 --workdir=DIR \
       --trajectory_figure=docs/figures/parity_trajectory.png
 
 Checks: simsiam_tf and the official model start from the same weights (the official state_dict
@@ -37,7 +38,8 @@ exit status is 1 when a bound fails.
 
 With --trajectory_data, instead: --trajectory_steps steps of the CIFAR recipe on real photos,
 the view pairs drawn once by simsiam_tf's pipeline and written to --workdir, fed to both; the
-loss and z std of both are written to trajectory.json and plotted.
+loss and z std of both are written to trajectory.json and plotted, once per
+--trajectory_dtypes (float64: one computation; float32: how far rounding alone takes them).
 """
 
 from __future__ import annotations
