@@ -288,7 +288,7 @@ def train_steps(net, views1, views2, steps: int, batch: int):
         ds = tf.data.Dataset.from_tensor_slices(
             {"view1": np.asarray(views1[t]), "view2": np.asarray(views2[t])}
         ).batch(batch)
-        hist = net.fit(ds, epochs=1, verbose=0)
+        hist = net.fit(ds, epochs=1, verbose=0, shuffle=False)  # the batches are given
         losses.append(hist.history["loss"][-1])
         z_stds.append(hist.history["z_std"][-1])
     return np.array(losses), np.array(z_stds)
