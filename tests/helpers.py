@@ -1,10 +1,15 @@
 """Small builders shared by tests."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 
 from simsiam_tf import model
 from simsiam_tf.config import default_config
+from tests.conftest import REPO
 
 
 def tiny_config(**model_overrides):
@@ -56,3 +61,16 @@ TINY_TRAIN_FLAGS = [
     "--config.optim.warmup_epochs=0",
     "--config.train.verbose=2",
 ]
+
+
+def run_python(*args, timeout=600):
+    """`python ARGS` from the repository root, as a user runs a tool: output captured, TensorFlow's
+    start-up logging quiet. Returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        timeout=timeout,
+    )

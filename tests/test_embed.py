@@ -4,15 +4,14 @@ nearest-neighbour queries."""
 import csv
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests import export_helpers as eh
-from tests.conftest import REPO, write_images
+from tests.conftest import write_images
+from tests.helpers import run_python
 from tools import embed
 
 ATOL = 1e-5
@@ -45,16 +44,14 @@ def _reference(enc, paths):
 
 def test_embed_folder_then_query(saved_model, enc, folder, tmp_path):
     prefix = str(tmp_path / "index" / "photos")
-    cmd = [sys.executable, "tools/embed.py", f"--saved_model={os.path.dirname(saved_model)}"]
-    proc = subprocess.run(
-        cmd
-        + [f"--image_dir={folder}", f"--index={prefix}", "--batch_size=4"]
-        + [f"--query={folder / 'china.jpg'}", "--k=3"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        timeout=600,
+    proc = run_python(
+        "tools/embed.py",
+        f"--saved_model={os.path.dirname(saved_model)}",
+        f"--image_dir={folder}",
+        f"--index={prefix}",
+        "--batch_size=4",
+        f"--query={folder / 'china.jpg'}",
+        "--k=3",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("broken.png", "signature.png", "thin.png"):

@@ -7,8 +7,6 @@ error status, and a base path serves its highest version."""
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import tensorflow as tf
 
 from simsiam_tf import export
 from tests import export_helpers as eh
-from tests.conftest import REPO
+from tests.helpers import run_python
 from tests.test_export import HOSTILE
 from tools import serving_cc_check as cc
 
@@ -427,18 +425,12 @@ def test_the_check_tool(serving_check, saved_model, tmp_path):
     photo.write_bytes(eh.sample_photos()["china.jpg"])
     png = tmp_path / "generated.png"
     png.write_bytes(eh.encode(GOOD["generated 1x37x23x3 uint8"][1][0], "PNG"))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "tools/serving_cc_check.py",
-            f"--saved_model={os.path.dirname(saved_model)}",
-        ]
-        + [f"--build_dir={os.path.dirname(serving_check)}", str(photo), str(png)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        timeout=600,
+    proc = run_python(
+        "tools/serving_cc_check.py",
+        f"--saved_model={os.path.dirname(saved_model)}",
+        f"--build_dir={os.path.dirname(serving_check)}",
+        str(photo),
+        str(png),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

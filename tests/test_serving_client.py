@@ -6,8 +6,6 @@ import base64
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +17,7 @@ import tensorflow as tf
 from simsiam_tf import export
 from tests import export_helpers as eh
 from tests.conftest import REPO
+from tests.helpers import run_python
 from tools import serve_client
 
 ATOL = 1e-5
@@ -113,14 +112,7 @@ def test_client_payloads_in_a_fresh_process(saved_model, enc, photos, tmp_path):
     specs.append(f"huge_grpc=grpc:-:{tmp_path / 'huge_grpc.pb'}")
 
     out = tmp_path / "out.npz"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.export_helpers", saved_model, str(out), *specs],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        timeout=600,
-    )
+    proc = run_python("-m", "tests.export_helpers", saved_model, str(out), *specs)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(out)
     want = eh.reference_from_bytes(enc, encoded)
@@ -273,19 +265,12 @@ def test_client_tool_prints_embeddings(servers, enc, photos, tmp_path):
         paths.append(str(tmp_path / name))
         with open(paths[-1], "wb") as f:
             f.write(data)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [
-        sys.executable,
+    proc = run_python(
         "tools/serve_client.py",
         f"--server={servers['grpc']}",
         "--protocol=grpc",
-    ]
-    proc = subprocess.run(
-        cmd + [f"--save={tmp_path / 'emb.npy'}", *paths],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
+        f"--save={tmp_path / 'emb.npy'}",
+        *paths,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -296,13 +281,11 @@ def test_client_tool_prints_embeddings(servers, enc, photos, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), want, atol=ATOL, rtol=0)
 
     (tmp_path / "notes.txt").write_text("not an image")
-    cmd = [sys.executable, "tools/serve_client.py", f"--server={servers['rest']}"]
-    proc = subprocess.run(
-        cmd + [paths[0], str(tmp_path / "notes.txt")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
+    proc = run_python(
+        "tools/serve_client.py",
+        f"--server={servers['rest']}",
+        paths[0],
+        str(tmp_path / "notes.txt"),
         timeout=300,
     )
     assert proc.returncode == 1
