@@ -868,8 +868,7 @@ class TwoViewRecipe:
         indexed = list(enumerate(self.layers))
         self.cpu_layers = [(i, x) for i, x in indexed if not on_device or _is_geometric(x)]
         self.device_layers = [(i, x) for i, x in indexed if on_device and not _is_geometric(x)]
-        self._to_uint8 = to_uint8
-        self._round_after_crop = False
+        self._round_crop = None  # device mode: rounds the crop's 0-255 views to uint8 at once
         if on_device and all(
             isinstance(x, (RandomResizedCrop, HorizontalFlip)) for _, x in self.cpu_layers
         ):
@@ -882,8 +881,7 @@ class TwoViewRecipe:
             if crop.rescale * 255.0 == 1.0:
                 clone = RandomResizedCrop.from_config({**crop.get_config(), "rescale": 1.0})
                 self.cpu_layers[0] = (self.cpu_layers[0][0], clone)
-                self._to_uint8 = lambda views: tf.cast(tf.round(views), tf.uint8)
-                self._round_after_crop = True
+                self._round_crop = lambda views: tf.cast(tf.round(views), tf.uint8)
 
     @property
     def description(self) -> str:
@@ -893,9 +891,9 @@ class TwoViewRecipe:
         """A decoded uint8 image HxWx3 (or a batch NxHxWx3 of one size) -> its view(s), uint8."""
         for i, layer in self.cpu_layers:
             images = _call(layer, images, fold_seed(seed, i))
-            if self._round_after_crop and isinstance(layer, RandomResizedCrop):
-                images = self._to_uint8(images)
-        return images if images.dtype == tf.uint8 else self._to_uint8(images)
+            if self._round_crop is not None and isinstance(layer, RandomResizedCrop):
+                images = self._round_crop(images)
+        return images if images.dtype == tf.uint8 else to_uint8(images)
 
     def device_params(self, seed, n) -> dict:
         """Per-image parameters of the device stage's recipe layers for n views: {"layerI": ...}."""
