@@ -3,6 +3,7 @@ TensorBoard scalars."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -159,27 +160,59 @@ def _nan_advice(latest_checkpoint) -> str:
 
 class KnnMonitor(keras.callbacks.Callback):
     """Weighted kNN top-1 of the backbone every `every` epochs, added to the epoch logs as
-    `knn_top1` (so it reaches the progress bar, TensorBoard and the history)."""
+    `knn_top1` (so it reaches the progress bar, TensorBoard and the history).
 
-    def __init__(self, evaluator: "KnnEvaluator", every: int, epochs: int):
+    `random_init`: (weights file, result file). The network at initialisation is scored at the
+    first evaluation, from the weights saved before step 1, rather than before step 1 (where a
+    pass over the bank would delay the first step), and its top-1 written to the result file;
+    the weights file is then removed. The run's own weights are put back before training goes
+    on, so the monitor leaves training untouched.
+    """
+
+    def __init__(self, evaluator: "KnnEvaluator", every: int, epochs: int, random_init=None):
         super().__init__()
         self.evaluator = evaluator
         self.every = every
         self.epochs = epochs
+        self.random_init = random_init
+
+    def _score_random_init(self):
+        weights_path, result_path = self.random_init or ("", "")
+        if not weights_path or not os.path.exists(weights_path) or os.path.exists(result_path):
+            return
+        backbone = self.model.backbone
+        trained = backbone.get_weights()
+        backbone.load_weights(weights_path)
+        try:
+            top1 = self.evaluator(backbone)
+        finally:
+            backbone.set_weights(trained)
+        logging.info("kNN top-1 at initialisation: %.4f", top1)
+        with open(result_path + ".tmp", "w") as f:
+            json.dump({"knn_top1": top1}, f)
+        os.replace(result_path + ".tmp", result_path)
+        os.remove(weights_path)
 
     def on_epoch_end(self, epoch, logs=None):
         last = epoch + 1 == self.epochs
         if logs is not None and (last or (self.every and (epoch + 1) % self.every == 0)):
+            self._score_random_init()
             logs["knn_top1"] = self.evaluator(self.model.backbone)
 
 
-def make_knn_evaluator(config, workdir=None, train_source=None) -> Optional["KnnEvaluator"]:
+def make_knn_evaluator(
+    config, workdir=None, train_source=None, monitor: bool = False
+) -> Optional["KnnEvaluator"]:
     """A kNN evaluator of the configured source, or None when it has no labelled splits to
     score. Bank and queries are read by `holdout.load_split`, as tools/eval_knn.py reads them,
     so the monitor's numbers and the tool's agree.
 
     `train_source`, the already loaded (and checked) training split, is reused as the bank when
     the bank is that very split and subset, so it is not read and decoded a second time.
+    `monitor`: the evaluator of the monitor during training, whose bank and queries are capped
+    at eval.monitor_max_bank and eval.monitor_max_queries (seeded, class-stratified subsets:
+    CIFAR-10's 50,000 and 10,000 whole; on ImageNet a pass is 60,000 images, under 5% of an
+    epoch's images and about 1% of its compute).
     """
     d, e = config.data, config.eval
     if train_source is not None and e.bank_split == "train" and e.max_bank == d.max_examples:
@@ -188,8 +221,11 @@ def make_knn_evaluator(config, workdir=None, train_source=None) -> Optional["Knn
         bank, _ = holdout.load_split(config, e.bank_split, workdir, max_examples=e.max_bank)
     queries, _ = holdout.load_split(config, e.query_split, workdir, max_examples=e.max_queries)
     why = None
-    if bank is None or bank.num_classes < 2:
+    if bank is None or bank.num_classes == 0:
         why = f"its {e.bank_split!r} split is unlabelled (kNN needs class subfolders)"
+    elif bank.num_classes == 1:
+        name = bank.class_names[0] if bank.class_names else "one class"
+        why = f"its {e.bank_split!r} split has one class ({name}); kNN needs two or more"
     elif queries is None:
         why = f"it has no {e.query_split!r} split" + (
             " and eval.holdout_fraction=0 holds none out" if e.holdout_fraction == 0 else ""
@@ -197,11 +233,51 @@ def make_knn_evaluator(config, workdir=None, train_source=None) -> Optional["Knn
     if why:
         logging.warning("No kNN evaluation of %s: %s", d.source, why)
         return None
-    return KnnEvaluator(bank, queries, d.image_size, e, d.eval_crop_fraction)
+    evaluation = f"{queries.num_examples} evaluation images {_origin(queries)}"
+    if monitor:
+        bank = capped(bank, e.monitor_max_bank, config.seed)
+        queries = capped(queries, e.monitor_max_queries, config.seed)
+    evaluator = KnnEvaluator(bank, queries, d.image_size, e, d.eval_crop_fraction)
+    evaluator.evaluation = evaluation
+    return evaluator
+
+
+def _origin(source: data.Source) -> str:
+    """Where an evaluation split comes from, in words: "from val/", "held out of train/"."""
+    if source.name.endswith("[held-out]"):
+        return "held out of the training images (holdout.json)"
+    if source.root is not None:
+        return f"from {os.path.basename(source.root)}/"
+    return f"from {source.name}"
+
+
+def capped(source: data.Source, n: int, seed: int) -> data.Source:
+    """`source` cut to a seeded class-stratified subset of n examples (0: all of it); a
+    streamed source, whose labels are not known up front, keeps its first n."""
+    if not n or source.num_examples <= n:
+        return source
+    if source.files is None and not source.in_memory:
+        return dataclasses.replace(
+            source,
+            num_examples=n,
+            tfds_dataset=source.tfds_dataset.take(n),
+            labels=source.labels[:n],
+            stream=None,
+        )
+    keep = holdout.stratified_subset(source.labels, n, seed)
+    logging.info("kNN monitor: %d of the %d images of %s", n, source.num_examples, source.name)
+    return dataclasses.replace(
+        source,
+        num_examples=len(keep),
+        labels=source.labels[keep],
+        images=None if source.images is None else source.images[keep],
+        files=None if source.files is None else [source.files[i] for i in keep],
+    )
 
 
 class KnnEvaluator:
-    """Scores a backbone by weighted kNN: bank = one split, queries = another."""
+    """Scores a backbone by weighted kNN: bank = one split, queries = another. The bank is
+    built in chunks on the device (`knn.build_bank`, in eval.knn_bank_dtype)."""
 
     def __init__(
         self,
@@ -218,20 +294,20 @@ class KnnEvaluator:
         self.size = image_size
         self.cfg = eval_config
         self.crop_fraction = crop_fraction
+        self.evaluation = f"{queries.num_examples} evaluation images"  # for the log
 
-    def features(self, backbone, source):
-        ds = data.eval_dataset(source, self.size, self.cfg.knn_batch, self.crop_fraction)
-        return knn.extract_features(backbone, ds)
+    def _dataset(self, source):
+        return data.eval_dataset(source, self.size, self.cfg.knn_batch, self.crop_fraction)
 
     def __call__(self, backbone) -> float:
-        bank, bank_labels = self.features(backbone, self.bank)
-        queries, query_labels = self.features(backbone, self.queries)
+        bank = knn.build_bank(backbone, self._dataset(self.bank), self.cfg.knn_bank_dtype)
+        queries, query_labels = knn.extract_features(backbone, self._dataset(self.queries))
         return knn.knn_accuracy(
             bank,
-            bank_labels,
+            None,
             queries,
             query_labels,
-            self.bank.num_classes,
+            max(self.bank.num_classes, self.queries.num_classes),
             self.cfg.knn_k,
             self.cfg.knn_t,
             self.cfg.knn_batch,
@@ -263,6 +339,9 @@ class HistoryWriter(keras.callbacks.Callback):
             "time": time.time() - self.start,
         }
         row.update({k: float(np.asarray(v)) for k, v in (logs or {}).items()})
+        replaced = len(data.replaced_images())
+        if replaced:  # images that failed to decode in training, each replaced by a neighbour
+            row["replaced_images"] = replaced
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -342,6 +421,12 @@ class TensorBoardScalars(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         scalars = {f"epoch/{k}": float(np.asarray(v)) for k, v in (logs or {}).items()}
+        if self._random_init is None and self.random_init_path:
+            if os.path.exists(self.random_init_path):  # scored at this epoch's kNN pass
+                with open(self.random_init_path) as f:
+                    self._random_init = json.load(f)["knn_top1"]
+                self._write("train", {"epoch/knn_top1": self._random_init}, 0)
+                self._write("random_init", {"epoch/knn_top1": self._random_init}, 0)
         self._write("train", scalars, epoch + 1)
         if "epoch/knn_top1" in scalars and self._random_init is not None:
             self._write("random_init", {"epoch/knn_top1": self._random_init}, epoch + 1)

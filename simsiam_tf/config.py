@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from simsiam_tf import augment, data, model
+from simsiam_tf import augment, data, imagecheck, model
 from simsiam_tf.errors import ConfigError
 
 PHOTOMETRIC = ("cpu", "device")
@@ -52,7 +52,12 @@ def default_config() -> ml_collections.ConfigDict:
         tfds_data_dir="",
         tfds_download=True,
         eval_crop_fraction=1.0,  # 1: resize; 0.875: resize to size/0.875 and centre-crop
-        check_images=True,  # image folders: decode every file once up front, skip broken ones
+        # Image folders: check every file once up front and skip broken ones (verdicts cached per
+        # folder). image_check="header": read each file's first and last bytes, decode only what
+        # they leave in doubt, and replace a file that still fails in training by its neighbour
+        # (counted); "decode": decode every file up front (reads the whole data set).
+        check_images=True,
+        image_check="header",
         strict=False,  # with check_images: fail on a broken file instead of skipping it
     )
 
@@ -107,6 +112,12 @@ def default_config() -> ml_collections.ConfigDict:
         query_split="test",
         max_bank=0,  # 0: the whole bank split
         max_queries=0,
+        # The kNN monitor during training scores seeded class-stratified subsets of at most
+        # this many bank and query images (0: all): CIFAR-10 whole, ImageNet in under 5% of an
+        # epoch's images. tools/eval_knn.py uses max_bank / max_queries.
+        monitor_max_bank=50_000,
+        monitor_max_queries=10_000,
+        knn_bank_dtype="float32",  # "float16" halves the bank (1.28M x 2048: 5.2 GB)
         random_init_knn=True,  # also score the network at initialisation, for comparison
         # A labelled source without a test split (a folder of class subfolders, no test/):
         # this seeded fraction of every class is held out of pretraining and scored by kNN
@@ -154,6 +165,8 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
             d.image_size,
             f"{m.backbone} needs images of at least {MIN_IMAGE_SIZE[m.backbone]} px",
         )
+    if d.image_check not in imagecheck.MODES:
+        _fail("data.image_check", d.image_check, f"choose one of {imagecheck.MODES}")
     if d.max_examples < 0:
         _fail("data.max_examples", d.max_examples, "must be >= 0 (0: all)")
     if not 0 < d.eval_crop_fraction <= 1:
@@ -211,6 +224,11 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail("eval.holdout_fraction", e.holdout_fraction, "must be in [0, 1) (0: hold none out)")
     if e.holdout_seed < 0:
         _fail("eval.holdout_seed", e.holdout_seed, "must be a non-negative integer")
+    if e.knn_bank_dtype not in ("float32", "float16"):
+        _fail("eval.knn_bank_dtype", e.knn_bank_dtype, "choose float32 or float16")
+    for key in ("max_bank", "max_queries", "monitor_max_bank", "monitor_max_queries"):
+        if e[key] < 0:
+            _fail(f"eval.{key}", e[key], "must be >= 0 (0: all)")
     if e.knn_k < 1:
         _fail("eval.knn_k", e.knn_k, "must be a positive integer")
     if e.knn_t <= 0:

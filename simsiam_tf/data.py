@@ -61,10 +61,17 @@ class Source:
     # Streamed sources: int64 seed -> (encoded bytes, label), shard files in an order drawn
     # from the seed; pretraining calls it once per epoch with a seed folded from the epoch.
     stream: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None
+    root: Optional[str] = None  # image folders: the folder listed, which every path starts with
 
     @property
     def in_memory(self) -> bool:
         return self.images is not None
+
+    def path_tensor(self) -> tf.Tensor:
+        """The file paths as one eager string tensor, made once per Source."""
+        if getattr(self, "_paths", None) is None:
+            self._paths = tf.constant(self.files)
+        return self._paths
 
     def encoded(self) -> tf.data.Dataset:
         """(encoded image bytes, label) in the source's fixed order (files or TFDS)."""
@@ -216,9 +223,22 @@ def list_image_folder(root: str) -> tuple[list, np.ndarray, tuple]:
     return paths, np.asarray(labels, np.int64), tuple(classes)
 
 
+# The subfolders that hold a folder's evaluation split, in the order they are looked for:
+# ImageNet's own layout has train/ and val/.
+EVAL_SPLIT_DIRS = ("test", "val", "validation")
+
+
+def folder_eval_split(root: str) -> Optional[str]:
+    """The subfolder of `root` that holds its evaluation split (test/, val/ or validation/),
+    or None when it has none."""
+    return next((s for s in EVAL_SPLIT_DIRS if os.path.isdir(os.path.join(root, s))), None)
+
+
 def _load_folder(root: str, split: str) -> Optional[Source]:
     if not os.path.isdir(root):
         raise ConfigError(f"data.source=folder:{root}: no such directory")
+    if split == "test" and not os.path.isdir(os.path.join(root, split)):
+        split = folder_eval_split(root) or split  # the evaluation split: test/, val/ ...
     if os.path.isdir(os.path.join(root, split)):
         root = os.path.join(root, split)
     elif split != "train":
@@ -231,6 +251,7 @@ def _load_folder(root: str, split: str) -> Optional[Source]:
         labels=labels,
         files=paths,
         class_names=classes,
+        root=root,
     )
 
 
@@ -275,10 +296,20 @@ def unpacked_archive(path: str) -> str:
     return dest
 
 
-def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Optional[Source]:
+def prepared_tfds_builder(name: str, data_dir: Optional[str], download: bool):
+    """The TFDS builder of `name`, downloaded and prepared first where allowed; ConfigError in
+    one line (an unknown name with the closest known ones, a failed download, a data set not
+    prepared) instead of TFDS's own tracebacks."""
+    import difflib
+
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, tfds.list_builders(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see tfds.list_builders()"
+        raise ConfigError(f"data.source=tfds:{name}: no such TFDS data set; {hint}") from None
     if download and not builder.is_prepared():
         logging.info(
             "Downloading and preparing tfds:%s into %s (needs the network; offline, use "
@@ -299,6 +330,13 @@ def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
             f"data.source=tfds:{name}: not prepared under {builder.data_dir} and "
             "data.tfds_download is False; prepare it or allow the download"
         )
+    return builder
+
+
+def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Optional[Source]:
+    import tensorflow_datasets as tfds
+
+    builder = prepared_tfds_builder(name, data_dir, download)
     info = builder.info
     if split not in info.splits and split.split("[")[0] not in info.splits:
         return None
@@ -663,6 +701,7 @@ def pretrain_dataset(
     steps_per_epoch: int = 0,
     start_batch: int = 0,
     with_images: bool = False,
+    shard: tuple = (0, 1),
 ) -> tf.data.Dataset:
     """Global batches {"view1", "view2"} of uint8 views, epoch after epoch, from `start_epoch`.
 
@@ -678,7 +717,22 @@ def pretrain_dataset(
     step applies on the accelerator (`augment.TwoViewRecipe`). `with_images` adds "image", each
     source image fitted into image_size x image_size, to show beside its views
     (tools/show_views.py).
+
+    `shard=(index, count)` (image folders only): this worker's rows of every global batch,
+    [index * B/count, (index + 1) * B/count), as per-worker batches of B/count. Only those
+    files are read and decoded, and each image keeps the random draws it has in the global
+    batch, so `count` workers together train on exactly the batches one process would.
+
+    A file that passed the image check but fails to decode (`imagecheck`) takes the views of
+    the image before it in the epoch's order (the one after, at the very start), is counted in
+    `replaced_images()` and named in the log: the batch keeps its size and every other image
+    its place, so resuming stays exact.
     """
+    index, count = shard
+    if count > 1 and source.files is None:
+        raise ValueError(f"{source.name}: only image folders are read per worker (shard={shard})")
+    if global_batch % count:
+        raise ValueError(f"global_batch={global_batch} does not divide over {count} workers")
     steps = source.num_examples // global_batch
     if steps == 0:
         raise ConfigError(
@@ -734,19 +788,27 @@ def pretrain_dataset(
 
     else:
         encoded = source.tfds_dataset  # streamed sources; files are read by index below
+        # The paths as one eager tensor, made once: the epoch function captures it by reference
+        # (never as a graph constant, which costs seconds and gigabytes at a million paths).
+        files = None if source.files is None else source.path_tensor()
+        batch = global_batch // count
 
         def epoch_dataset(epoch):
             skip = skip_in(epoch)
-            if source.files is not None:
+            if files is not None:
                 order = tf.random.experimental.stateless_shuffle(
-                    tf.range(source.num_examples), augment.fold_seed(base_seed, epoch)
+                    tf.range(source.num_examples, dtype=tf.int64),
+                    augment.fold_seed(base_seed, epoch),
                 )
-                files = tf.constant(source.files)
-                ds = tf.data.Dataset.from_tensor_slices(order).enumerate()
-                ds = ds.skip(skip * global_batch).map(
-                    lambda i, idx: (i, tf.io.read_file(tf.gather(files, idx))),
+                # Positions in the epoch of this worker's rows of batches skip .. steps - 1.
+                rows = tf.range(skip, steps, dtype=tf.int64)[:, None] * global_batch
+                cols = tf.range(index * batch, (index + 1) * batch, dtype=tf.int64)
+                positions = tf.reshape(rows + cols, [-1])
+                ds = tf.data.Dataset.from_tensor_slices(positions).map(
+                    lambda i: (i, tf.io.read_file(tf.gather(files, tf.gather(order, i)))),
                     num_parallel_calls=AUTOTUNE,
                 )
+                names_of = lambda n: tf.gather(files, tf.gather(order, tf.gather(positions, n)))
             else:
                 # A streamed source: shard files in an order drawn for this epoch, then a
                 # shuffle buffer seeded for this epoch. Both seeds are folded from the epoch, so
@@ -764,20 +826,97 @@ def pretrain_dataset(
                 ds = ds.shuffle(
                     min(source.num_examples, data_config.shuffle_buffer), seed=buffer_seed
                 )
-                ds = ds.enumerate().skip(skip * global_batch).map(lambda i, ex: (i, ex[0]))
+                ds = ds.enumerate().skip(skip * global_batch).take((steps - skip) * batch)
+                ds = ds.map(lambda i, ex: (i, ex[0]))
+                names_of = lambda n: tf.strings.join(
+                    ["example ", tf.strings.as_string(n + skip * global_batch), " of the epoch"]
+                )
             # Each example is finished on its own (decode, both views, photometric on the CPU):
             # its working set stays in cache and tf.data spreads examples over the threads.
-            ds = ds.map(
-                lambda i, encoded_image: two_views(
-                    decode_rgb(encoded_image), augment.fold_seed(base_seed, epoch, i), 1
+            ds = ds.enumerate().map(
+                lambda n, i_encoded: (
+                    n,
+                    two_views(
+                        decode_rgb(i_encoded[1]),
+                        augment.fold_seed(base_seed, epoch, i_encoded[0]),
+                        1,
+                    ),
                 ),
                 num_parallel_calls=AUTOTUNE,
             )
-            return ds.batch(global_batch, drop_remainder=True).take(steps - skip)
+            ds = _replace_undecodable(ds, (steps - skip) * batch, names_of, source.name)
+            return ds.batch(batch, drop_remainder=True)
 
     epochs = tf.data.Dataset.range(start_epoch, start_epoch + num_epochs if num_epochs else 2**62)
     ds = epochs.flat_map(epoch_dataset)
     return ds.prefetch(AUTOTUNE).with_options(_options(data_config.threads))
+
+
+_REPLACED = []  # names of the images replaced in training since the process started
+
+
+def replaced_images() -> list:
+    """Names of the images that failed to decode in a pretraining pipeline and were replaced
+    by a neighbour's views, in the order met (`pretrain_dataset`)."""
+    return list(_REPLACED)
+
+
+def _note_replaced(names, source_name) -> None:
+    for name in names.numpy():
+        _REPLACED.append(name.decode("utf-8", "replace"))
+        logging.warning(
+            "%s: %s cannot be decoded; the image before it takes its place in the batch (%d "
+            "replaced so far)",
+            source_name.numpy().decode(),
+            _REPLACED[-1],
+            len(_REPLACED),
+        )
+
+
+def _replace_undecodable(ds, total, names_of, source_name: str) -> tf.data.Dataset:
+    """`ds` of (n, views), n = 0, 1, ..., total - 1, where an element whose decode failed is an
+    error: the same stream of views, each failed element replaced by the views before it (after
+    it, at the start); `names_of(ns)` names the failed ones in the log.
+
+    Failed elements are dropped (`ignore_errors`) and the gaps they leave found by their n, so
+    while every file decodes the cost is one comparison per image; a sentinel n = total fills a
+    gap at the very end.
+    """
+    spec = ds.element_spec[1]
+    zeros = lambda: tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
+    end = tf.cast(total, tf.int64)
+    ds = ds.ignore_errors().concatenate(tf.data.Dataset.from_tensors((end, zeros())))
+
+    def fill(state, element):
+        expected, have_prev, prev = state
+        i, views = element
+        gap = i - expected
+        last = tf.cast(tf.not_equal(i, end), tf.int64)  # 0 for the sentinel: not emitted
+
+        def as_is():
+            return tf.nest.map_structure(lambda v: v[None], views)
+
+        def with_copies():
+            tf.py_function(
+                _note_replaced, [names_of(tf.range(expected, i)), tf.constant(source_name)], []
+            )
+            return tf.nest.map_structure(
+                lambda p, v: tf.concat(
+                    [
+                        tf.repeat(tf.where(have_prev, p, v)[None], gap, 0),
+                        tf.repeat(v[None], last, 0),
+                    ],
+                    0,
+                ),
+                prev,
+                views,
+            )
+
+        out = tf.cond(tf.logical_and(tf.equal(gap, 0), tf.equal(last, 1)), as_is, with_copies)
+        return (i + 1, tf.constant(True), views), out
+
+    state = (tf.constant(0, tf.int64), tf.constant(False), zeros())
+    return ds.scan(state, fill).unbatch()
 
 
 def preview_views(source: Source, config, n: int) -> dict:

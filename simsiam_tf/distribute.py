@@ -78,25 +78,27 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
-def distribute_batches(strategy, make_dataset, global_batch: int, shards_by_file: bool = False):
+def distribute_batches(strategy, make_dataset, global_batch: int, per_worker: bool = False):
     """Input for `fit` under `strategy`, from `make_dataset(shard)` -> a tf.data.Dataset.
 
     One worker: the dataset of global batches itself (Keras splits each batch over the local
     replicas). Several workers (MultiWorkerMirroredStrategy): each worker reads only its share.
-    With `shards_by_file` (TFRecords), `make_dataset((index, count))` reads that worker's shard
-    files and yields per-worker batches; otherwise every worker builds the same global batch
-    and keeps rows [index * B/W, (index + 1) * B/W) of it, so that W workers see exactly the
-    batch one process would (the per-image random draws included), as tf.data's DATA sharding
-    does. Per-worker batches are then cut into per-replica ones.
+    With `per_worker`, `make_dataset((index, count))` yields that worker's batches of
+    global_batch / count itself: its rows of every global batch for an image folder (only
+    those files are read and decoded), its own shard files for TFRecords. Otherwise (in-memory
+    and streamed TFDS sources) every worker builds the same global batch and keeps rows
+    [index * B/W, (index + 1) * B/W) of it. Either way W workers see exactly the batch one
+    process would (the per-image random draws included). Per-worker batches are then cut into
+    per-replica ones.
     """
     workers = num_workers(strategy)
     if workers == 1:
         return make_dataset((0, 1))
 
-    def per_worker(ctx: tf.distribute.InputContext):
+    def per_worker_input(ctx: tf.distribute.InputContext):
         per_worker_batch = global_batch // ctx.num_input_pipelines
         index = ctx.input_pipeline_id
-        if shards_by_file:
+        if per_worker:
             ds = make_dataset((index, ctx.num_input_pipelines))
         else:
             lo, hi = index * per_worker_batch, (index + 1) * per_worker_batch
@@ -105,4 +107,4 @@ def distribute_batches(strategy, make_dataset, global_batch: int, shards_by_file
             )
         return ds.rebatch(ctx.get_per_replica_batch_size(global_batch))
 
-    return strategy.distribute_datasets_from_function(per_worker)
+    return strategy.distribute_datasets_from_function(per_worker_input)

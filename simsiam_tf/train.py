@@ -6,7 +6,7 @@ WORKDIR/
   tb/                  TensorBoard: per epoch and every train.log_every_steps steps
   holdout.json         the held-out images of a labelled source without a test split
   history.jsonl        one line of metrics per epoch
-  random_init.json     kNN top-1 of the network at initialisation
+  random_init.json     kNN top-1 of the network at initialisation (at the first kNN pass)
   backbone.weights.h5  the trained backbone
   summary.json         the run's result
 """
@@ -42,6 +42,8 @@ from simsiam_tf import (
 from simsiam_tf import config as config_lib
 from simsiam_tf.errors import ConfigError
 
+# The backbone at initialisation, kept until the first kNN pass scores it.
+RANDOM_INIT_WEIGHTS = "random_init.weights.h5"
 # Keys a rerun may change freely: they change how a run is shown, monitored or stored, not what
 # it computes. Every other key (model, data, augmentation, optimiser, seed, precision, replicas,
 # kNN settings whose numbers fill the history) changes the run's meaning.
@@ -56,6 +58,7 @@ COSMETIC_KEYS = frozenset(
         "train.tpu",
         "data.threads",
         "data.check_images",
+        "data.image_check",
         "data.strict",
         "data.tfds_data_dir",
         "data.tfds_download",
@@ -194,9 +197,14 @@ def build_model_and_optimizer(config, steps_per_epoch: int, strategy=None):
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: bool = False,
+    extra_callbacks: tuple = (),
 ) -> dict:
     """Pretrains (or resumes) SimSiam as configured; returns the summary written to the run.
+
+    `extra_callbacks`: Keras callbacks added to the run's own (after them).
 
     Raises ConfigError (a bad config, a rerun that would change the run's meaning), RunLocked
     (another process trains into `workdir`) and Stopped (Ctrl-C or SIGTERM, after a checkpoint).
@@ -218,22 +226,26 @@ def train(
     os.makedirs(workdir, exist_ok=True)
     lock = lock_workdir(workdir)
     try:
-        return _train(config, workdir, strategy, allow_config_change, start)
+        return _train(config, workdir, strategy, allow_config_change, start, extra_callbacks)
     finally:
         lock.close()
 
 
-def _train(config, workdir, strategy, allow_config_change, start) -> dict:
+def _train(config, workdir, strategy, allow_config_change, start, extra_callbacks=()) -> dict:
     workers = distribute.num_workers(strategy)
     write_config(config, workdir, allow_config_change)
 
     d = config.data
     # A labelled source without a test split: its held-out images are not pretrained on.
-    source, _ = holdout.load_split(config, "train", workdir, d.max_examples, record=True)
+    source, _ = holdout.load_split(
+        config, "train", workdir, max_examples=d.max_examples, record=True
+    )
     global_batch = config.optim.batch_size
     steps = source.num_examples // global_batch
     # Several workers on TFRecords: each reads its own shard files (per-worker batches).
     by_file = workers > 1 and data.parse_source(d.source)[0] == "tfrecord"
+    # Several workers on an image folder: each reads and decodes its rows of every batch only.
+    per_worker = by_file or (workers > 1 and source.files is not None)
     if by_file:
         shares = [
             data.load_source(d.source, "train", 0, config.seed, shard=(w, workers))
@@ -267,7 +279,13 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
         config.train.backup_every_steps,
     )
     initial_epoch, initial_batch = checkpointer.restore()
-    evaluator = callbacks.make_knn_evaluator(config, workdir, source) if workers == 1 else None
+    evaluator = None
+    if workers == 1:
+        evaluator = callbacks.make_knn_evaluator(config, workdir, source, monitor=True)
+        if evaluator:
+            logging.info(
+                "%s: %d train images, %s", d.source, source.num_examples, evaluator.evaluation
+            )
     if workers > 1:
         logging.info("%d workers: no kNN during training; run tools/eval_knn.py after", workers)
 
@@ -276,12 +294,11 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
         plots.log_views(os.path.join(workdir, "tb"), source, config)
 
     random_init_path = os.path.join(workdir, "random_init.json")
+    random_init_weights = os.path.join(workdir, RANDOM_INIT_WEIGHTS)
     if evaluator and config.eval.random_init_knn and not os.path.exists(random_init_path):
         if checkpointer.step == 0:
-            top1 = evaluator(net.backbone)
-            logging.info("kNN top-1 at initialisation: %.4f", top1)
-            with open(random_init_path, "w") as f:
-                json.dump({"knn_top1": top1}, f)
+            # Scored at the first kNN pass (callbacks.KnnMonitor), not before step 1.
+            net.backbone.save_weights(random_init_weights)
 
     epochs = config.optim.epochs
     history_path = os.path.join(workdir, "history.jsonl")
@@ -289,9 +306,10 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
 
         def dataset(first_epoch, num_epochs, first_batch=0):
             def make(shard):
-                src, batch = source, global_batch
-                if by_file:
-                    src, batch = shares[shard[0]], global_batch // workers
+                if by_file:  # this worker's shard files, per-worker batches
+                    src, batch, shard = shares[shard[0]], global_batch // workers, (0, 1)
+                else:  # an image folder: this worker's rows of each batch; else the batch
+                    src, batch = source, global_batch
                 return data.pretrain_dataset(
                     src,
                     d,
@@ -302,9 +320,10 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
                     num_epochs,
                     steps,
                     first_batch,
+                    shard=shard,
                 )
 
-            return distribute.distribute_batches(strategy, make, global_batch, by_file)
+            return distribute.distribute_batches(strategy, make, global_batch, per_worker)
 
         e = config.eval
         monitor = collapse.CollapseMonitor(
@@ -323,12 +342,19 @@ def _train(config, workdir, strategy, allow_config_change, start) -> dict:
             callbacks.HistoryWriter(history_path, start),
         ]
         if evaluator:
-            cbs.insert(1, callbacks.KnnMonitor(evaluator, config.eval.knn_every_epochs, epochs))
+            monitor_knn = callbacks.KnnMonitor(
+                evaluator,
+                config.eval.knn_every_epochs,
+                epochs,
+                random_init=(random_init_weights, random_init_path),
+            )
+            cbs.insert(1, monitor_knn)
         cbs.append(
             callbacks.TensorBoardScalars(
                 os.path.join(workdir, "tb"), config.train.log_every_steps, random_init_path
             )
         )
+        cbs.extend(extra_callbacks)
         verbose = config.train.verbose
         if verbose == 1:
             verbose = quiet.progress_verbosity()  # redirected: one line per epoch

@@ -4,9 +4,13 @@ with 2 replicas anywhere), and fixtures for real image data."""
 import os
 import sys
 import tarfile
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERAS_BACKEND"] = "tensorflow"
+# Unpacked archives and image-check verdicts go to a cache of this test session, never to the
+# user's ~/.cache (subprocesses inherit it).
+os.environ["SIMSIAM_TF_CACHE"] = tempfile.mkdtemp(prefix="simsiam-tf-test-cache-")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

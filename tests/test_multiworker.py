@@ -41,7 +41,8 @@ def _weights(path):
         ]
 
 
-def test_two_workers_match_each_other_and_a_single_process(tmp_path):
+def _run_workers(tmp_path, extra):
+    """(worker 0's, worker 1's, one process's) (loss, weights, stdout) of multiworker_step.py."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
@@ -50,7 +51,7 @@ def test_two_workers_match_each_other_and_a_single_process(tmp_path):
         out = str(tmp_path / f"worker{i}.npz")
         procs.append(
             subprocess.Popen(
-                [sys.executable, SCRIPT, out, REPO],
+                [sys.executable, SCRIPT, out, REPO, *extra],
                 cwd=REPO,
                 env=_env(cfg),
                 stdout=subprocess.PIPE,
@@ -61,9 +62,8 @@ def test_two_workers_match_each_other_and_a_single_process(tmp_path):
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
-    assert "workers 2 chief True" in outputs[0][0] and "workers 2 chief False" in outputs[1][0]
     single = subprocess.run(
-        [sys.executable, SCRIPT, str(tmp_path / "single.npz"), REPO],
+        [sys.executable, SCRIPT, str(tmp_path / "single.npz"), REPO, *extra],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -71,14 +71,40 @@ def test_two_workers_match_each_other_and_a_single_process(tmp_path):
         timeout=600,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    loss0, w0 = _weights(tmp_path / "worker0.npz")
-    loss1, w1 = _weights(tmp_path / "worker1.npz")
-    loss_s, ws = _weights(tmp_path / "single.npz")
+    names = ("worker0", "worker1", "single")
+    stdouts = (outputs[0][0], outputs[1][0], single.stdout)
+    return [(*_weights(tmp_path / f"{n}.npz"), out) for n, out in zip(names, stdouts)]
+
+
+def _assert_lockstep_and_equal_to_one_process(results):
+    (loss0, w0, out0), (_, w1, out1), (loss_s, ws, _) = results
+    assert "workers 2 chief True" in out0 and "workers 2 chief False" in out1
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)  # lockstep: identical on both workers
     for a, b in zip(w0, ws):
         np.testing.assert_allclose(a, b, atol=1e-5)  # = one process on the global batch
     assert abs(loss0 - loss_s) < 1e-5
+
+
+def _decoded(stdout):
+    return int(next(line for line in stdout.splitlines() if line.startswith("decoded")).split()[1])
+
+
+def test_two_workers_match_each_other_and_a_single_process(tmp_path):
+    _assert_lockstep_and_equal_to_one_process(_run_workers(tmp_path, []))
+
+
+def test_two_workers_on_a_folder_each_decode_half_of_every_batch(tmp_path):
+    """An image folder: each worker reads and decodes only its 16 rows of every global batch of
+    32 (3 steps: 48 images, against 96 for one process), and the run still equals one process's
+    on the same global batches, the per-image random draws included."""
+    from tests.conftest import write_images
+
+    for c in ("a", "b"):
+        write_images(str(tmp_path / "photos" / c), 60, seed=len(c))
+    results = _run_workers(tmp_path, [str(tmp_path / "photos")])
+    _assert_lockstep_and_equal_to_one_process(results)
+    assert [_decoded(out) for _, _, out in results] == [48, 48, 96]
 
 
 @pytest.mark.slow

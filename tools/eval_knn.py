@@ -51,15 +51,16 @@ def _or(value, default):
     return default if value is None else value
 
 
-def score(backbone, bank, queries, image_size, crop_fraction, k, t, batch) -> float:
-    bank_f, bank_y = knn.extract_features(
-        backbone, data.eval_dataset(bank, image_size, batch, crop_fraction)
+def score(backbone, bank, queries, image_size, crop_fraction, k, t, batch, dtype) -> float:
+    # The whole bank, in chunks on the device (knn.build_bank): any size fits beside the model.
+    bank_f = knn.build_bank(
+        backbone, data.eval_dataset(bank, image_size, batch, crop_fraction), dtype
     )
     query_f, query_y = knn.extract_features(
         backbone, data.eval_dataset(queries, image_size, batch, crop_fraction)
     )
     num_classes = max(bank.num_classes, queries.num_classes)
-    return knn.knn_accuracy(bank_f, bank_y, query_f, query_y, num_classes, k, t, batch)
+    return knn.knn_accuracy(bank_f, None, query_f, query_y, num_classes, k, t, batch)
 
 
 def main(argv):
@@ -82,7 +83,7 @@ def main(argv):
     except (ConfigError, ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     k, t, batch = _or(_K.value, e.knn_k), _or(_T.value, e.knn_t), _or(_BATCH.value, e.knn_batch)
-    args = (bank, queries, d.image_size, d.eval_crop_fraction, k, t, batch)
+    args = (bank, queries, d.image_size, d.eval_crop_fraction, k, t, batch, e.knn_bank_dtype)
     logging.info(
         "backbone: %s; bank %s (%d), queries %s (%d)",
         origin,
