@@ -8,6 +8,12 @@
         [--jit_compile=true|false] [--threads=0]
     # end to end with model.fit, and the share of step time spent waiting for input
     python tools/benchmark.py fit --config=configs/cifar10_resnet18.py --folder=DIR --batch=64
+    # seconds from start to the end of the first training step, and peak RSS, on a folder
+    python tools/benchmark.py startup --folder=DIR [--config=...] [--cache_dir=DIR] \
+        [--config.KEY=VALUE ...]
+    # the kNN bank: build and search times and peak RSS, on synthetic L2-normalised features
+    python tools/benchmark.py knn --bank_size=1281167 --dim=2048 --queries=1024 \
+        [--bank_dtype=float16] [--chunk_rows=16384]
     # the project against the PyTorch reference scripts, alternating runs (A, B, A, B, ...)
     python tools/benchmark.py compare --what=pipeline --folder=DIR --threads=1 --rounds=3
     python tools/benchmark.py compare --what=step --batch=128 --rounds=3
@@ -40,7 +46,7 @@ import cli  # noqa: E402,F401  (before TensorFlow: a quiet start-up)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("pipeline", "step", "fit", "compare")
+MODES = ("pipeline", "step", "fit", "startup", "knn", "compare")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
     "imagenet": os.path.join(REPO, "configs", "imagenet_resnet50.py"),
@@ -77,6 +83,15 @@ _REFERENCE_DIR = flags.DEFINE_string(
     "compare: folder of torch_reference_pipeline.py and torch_reference_step.py.",
 )
 _CHANNELS_LAST = flags.DEFINE_bool("channels_last", True, "compare step: reference layout.")
+_CACHE_DIR = flags.DEFINE_string(
+    "cache_dir", "", "startup: the cache of image-check verdicts (default: the project's)."
+)
+_WORKDIR = flags.DEFINE_string("workdir", "", "startup: run directory (default: a new one).")
+_BANK_SIZE = flags.DEFINE_integer("bank_size", 50_000, "knn: bank rows.")
+_DIM = flags.DEFINE_integer("dim", 2048, "knn: feature size.")
+_QUERIES = flags.DEFINE_integer("queries", 1024, "knn: queries scored.")
+_BANK_DTYPE = flags.DEFINE_enum("bank_dtype", "float32", ["float32", "float16"], "knn: bank dtype.")
+_CHUNK_ROWS = flags.DEFINE_integer("chunk_rows", 16384, "knn: bank rows per chunk.")
 
 
 def _peak_rss_mb() -> float:
@@ -306,6 +321,112 @@ def run_fit() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# startup: a real training run's start, to the end of its first step
+
+
+class _FirstStepDone(Exception):
+    pass
+
+
+def run_startup() -> None:
+    """tools/train.py's own start on --folder (listing, split, image check, kNN set-up, model,
+    pipeline) in a new run directory, stopped at the end of the first step."""
+    import tempfile
+
+    import keras
+
+    start = time.time()
+    if not _FOLDER.value:
+        raise app.UsageError("startup needs --folder")
+    if _CACHE_DIR.value:
+        os.environ["SIMSIAM_TF_CACHE"] = _CACHE_DIR.value
+    from simsiam_tf import train
+
+    config = _CONFIG.value
+    config.data.source = f"folder:{_FOLDER.value}"
+    config.train.verbose = 0
+    workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="startup-run-")
+    marks = {}
+
+    class FirstStep(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            marks["fit"] = time.time() - start
+
+        def on_train_batch_end(self, batch, logs=None):
+            marks["step1"] = time.time() - start
+            raise _FirstStepDone
+
+    try:
+        train.train(config, workdir, extra_callbacks=(FirstStep(),))
+    except _FirstStepDone:
+        pass
+    source = train.data.load_source(config.data.source, "train")
+    files = source.num_examples
+    print(
+        f"workdir={workdir} seconds_to_fit={marks['fit']:.1f} " f"load_avg={os.getloadavg()[0]:.1f}"
+    )
+    _report(
+        mode="startup",
+        files=files,
+        seconds_to_first_step=marks["step1"],
+        ms_per_file=1000 * marks["step1"] / files,
+        peak_rss_mb=_peak_rss_mb(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# knn: the bank of the kNN monitor and tools/eval_knn.py at any size
+
+
+def run_knn() -> None:
+    """knn.build_bank on synthetic features (each batch made on the device, as a backbone's
+    output would be), then knn.knn_predict of --queries queries, k=200."""
+    import numpy as np
+    import tensorflow as tf
+
+    from simsiam_tf import knn
+
+    _limit_threads(_THREADS.value)
+    n, dim, batch = _BANK_SIZE.value, _DIM.value, 1024
+
+    def features(i):
+        rows = tf.minimum(tf.constant(batch, tf.int64), n - i * batch)
+        seed = tf.stack([i, tf.constant(0, tf.int64)])
+        return (
+            tf.random.stateless_normal(tf.stack([rows, dim]), seed),
+            tf.random.stateless_uniform([rows], seed + 1, 0, 1000, tf.int64),
+        )
+
+    batches = tf.data.Dataset.range((n + batch - 1) // batch).map(features)
+    rss_before = _rss_mb()
+    start = time.time()
+    bank = knn.build_bank(
+        lambda x, training=False: x, batches, _BANK_DTYPE.value, _CHUNK_ROWS.value
+    )
+    build_s = time.time() - start
+    bank_mb = sum(int(np.prod(c.shape)) * c.dtype.size for c in bank.chunks) / 2**20
+    queries = np.random.default_rng(0).normal(size=(_QUERIES.value, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    start = time.time()
+    knn.knn_predict(bank, None, queries, 1000, k=200, t=0.1, batch=256)
+    search_s = time.time() - start
+    print(f"load_avg={os.getloadavg()[0]:.1f} chunks={len(bank.chunks)}")
+    _report(
+        mode="knn",
+        bank_size=n,
+        dim=dim,
+        bank_dtype=_BANK_DTYPE.value,
+        bank_mb=bank_mb,
+        build_s=build_s,
+        search_s=search_s,
+        ms_per_query=1000 * search_s / _QUERIES.value,
+        rss_before_mb=rss_before,
+        peak_rss_mb=_peak_rss_mb(),
+        peak_beyond_bank_mb=_peak_rss_mb() - rss_before - bank_mb,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # compare: ours and the reference, alternating
 
 
@@ -402,7 +523,15 @@ def run_compare() -> None:
 def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"usage: benchmark.py {{{'|'.join(MODES)}}} [--flags]")
-    {"pipeline": run_pipeline, "step": run_step, "fit": run_fit, "compare": run_compare}[argv[1]]()
+    modes = dict(
+        pipeline=run_pipeline,
+        step=run_step,
+        fit=run_fit,
+        startup=run_startup,
+        knn=run_knn,
+        compare=run_compare,
+    )
+    modes[argv[1]]()
 
 
 if __name__ == "__main__":
