@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -193,6 +194,17 @@ def sgd(
     )
 
 
+def require_serving_protos() -> None:
+    """ImportError with the install command when tensorflow-serving-api (the export's warm-up
+    requests) is missing, before any work."""
+    if importlib.util.find_spec("tensorflow_serving") is None:
+        raise ImportError(
+            "exporting needs tensorflow-serving-api: pip install --no-deps "
+            "tensorflow-serving-api==2.21.0 (--no-deps: it requires the `tensorflow` package, "
+            "which would put a second TensorFlow next to tensorflow-cpu)"
+        )
+
+
 def export_saved_model(
     model: SimSiam,
     export_dir: str,
@@ -214,6 +226,7 @@ def export_saved_model(
     compared with the model, then renamed: a server watching export_dir never sees half a
     version, and an existing version is never overwritten. docs/SERVING.md has the details.
     """
+    require_serving_protos()
     if version is not None and version < 0:
         raise export.ExportError(f"version={version}: versions are non-negative integers")
     if not 0 < crop_fraction <= 1:
