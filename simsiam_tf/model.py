@@ -391,6 +391,9 @@ class SimSiam(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.p_std_tracker = keras.metrics.Mean(name="p_std")
+        # Built when its parts are (fit calls train_step, never __call__): so `save` writes every
+        # weight, and `load_model` builds the optimizer before restoring its state.
+        self.built = all(getattr(part, "built", False) for part in (backbone, projector, predictor))
 
     @classmethod
     def from_backbone(
