@@ -108,3 +108,51 @@ def test_heads_are_sized_from_any_backbone():
     fmap = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(5, 3)], name="fmap")
     pooled = model.SimSiam.from_backbone(fmap, proj_dim=8, pred_hidden=4)
     assert pooled(np.zeros((2, 16, 16, 3), np.float32)).shape == (2, 5)
+
+
+@pytest.mark.slow
+def test_every_tool_works_on_a_keras_applications_run(tmp_path):
+    """Train, resume, kNN, linear probe, plot, export and embed a keras.applications.VGG16 run
+    (about 3 minutes on 2 cores)."""
+    from tests.conftest import write_images
+
+    run = tmp_path / "run"
+    flags = [
+        "--config=configs/quickstart.py",
+        f"--workdir={run}",
+        "--config.model.backbone=keras.applications.VGG16",
+        "--config.data.image_size=32",
+        "--config.optim.batch_size=32",
+        "--config.train.steps_per_epoch=2",
+        "--config.optim.warmup_epochs=0",
+        "--config.model.proj_dim=32",
+        "--config.model.proj_hidden=32",
+        "--config.model.pred_hidden=8",
+        "--config.train.verbose=2",
+        "--config.eval.max_bank=200",
+        "--config.eval.max_queries=100",
+        "--config.eval.knn_k=20",
+    ]
+
+    def ok(*args):
+        proc = run_python(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "epochs=1 " in ok("tools/train.py", *flags, "--config.optim.epochs=1")
+    assert "epochs=2 " in ok("tools/train.py", *flags, "--config.optim.epochs=2")  # resumes
+    assert ok("tools/eval_knn.py", f"--workdir={run}").startswith("epoch 2: knn_top1=")
+    linear = ok("tools/eval_linear.py", f"--workdir={run}", "--epochs=1", "--max_train=200")
+    assert "backbone_unchanged=True" in linear
+    ok("tools/plot.py", f"--workdir={run}", "--queries=2", "--k=3", "--max_bank=100")
+    assert (run / "retrieval.png").exists()
+    export = ok("tools/export.py", f"--workdir={run}", f"--export_dir={tmp_path / 'exp'}")
+    assert export.strip() == str(tmp_path / "exp" / "1")
+    write_images(str(tmp_path / "imgs"), 3)
+    out = ok(
+        "tools/embed.py",
+        f"--saved_model={tmp_path / 'exp'}",
+        f"--image_dir={tmp_path / 'imgs'}",
+        f"--index={tmp_path / 'idx' / 'i'}",
+    )
+    assert out.startswith("3 of 3 images embedded")

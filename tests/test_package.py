@@ -4,6 +4,7 @@
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -46,9 +47,16 @@ def test_console_scripts_name_commands():
 
 
 def test_wheel_carries_the_recipes_and_the_command_line(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("simsiam_tf", "configs"):
+        shutil.copytree(os.path.join(REPO, name), source / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO, name), source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(tmp_path), REPO],
+        + ["-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
         cwd=tmp_path,
