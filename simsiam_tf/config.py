@@ -154,6 +154,10 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail(
             "data.image_size", d.image_size, f"{m.backbone} needs images of at least {min_size} px"
         )
+    if m.backbone not in MIN_IMAGE_SIZE:  # built once, in seconds: its stem's own minimum
+        size_error = model.input_size_error(m.backbone, d.image_size)
+        if size_error:
+            raise ConfigError(size_error)
     if d.max_examples < 0:
         _fail("data.max_examples", d.max_examples, "must be >= 0 (0: all)")
     if not 0 < d.eval_crop_fraction <= 1:

@@ -269,6 +269,21 @@ def backbone_error(name: str) -> str | None:
     )
 
 
+def input_size_error(name: str, image_size: int) -> str | None:
+    """Why backbone `name` cannot be built or take image_size x image_size images (a stem that
+    shrinks them below 1 px, an architecture keras-cv cannot fetch); None when it can."""
+    try:
+        build_backbone(name).compute_output_shape((1, image_size, image_size, 3))
+    except backbones.Unbuildable as err:
+        return str(err)
+    except ValueError as err:
+        return (
+            f"model.backbone={name} cannot take data.image_size={image_size} px images "
+            f"({str(err).splitlines()[0][:200]}); raise --config.data.image_size"
+        )
+    return None
+
+
 def feature_dim(backbone: keras.Layer, image_size: int | None = None) -> int:
     """The width C of a backbone's pooled output NxC, from `compute_output_shape` (which, unlike
     `backbone.output`, works for a `keras.Sequential` too)."""
@@ -456,6 +471,18 @@ class SimSiam(keras.Model):
             "symmetric": self.symmetric,
             "augmenter": None if self.augmenter is None else serialize(self.augmenter),
         }
+
+    def compile_from_config(self, config):
+        """As Keras (`load_model`), and a fixed predictor lr (fix_pred_lr), a set of variables
+        that a `.keras` file does not record, goes to this model's predictor again."""
+        config = keras.saving.deserialize_keras_object(config)
+        optimizer = config.get("optimizer")
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+        if getattr(inner, "fixed_lr", None) is not None and not inner.built:
+            inner.set_fixed_lr_variables(self.predictor.trainable_variables)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # before its variables are loaded
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

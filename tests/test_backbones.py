@@ -156,3 +156,30 @@ def test_every_tool_works_on_a_keras_applications_run(tmp_path):
         f"--index={tmp_path / 'idx' / 'i'}",
     )
     assert out.startswith("3 of 3 images embedded")
+
+
+def test_an_image_size_the_backbone_cannot_take_fails_validation():
+    c = default_config()
+    c.model.backbone = "keras.applications.InceptionV3"  # its stem needs 75 px
+    c.data.image_size = 32
+    with pytest.raises(ConfigError, match="cannot take data.image_size=32 px images.*raise"):
+        validate(c)
+    c.data.image_size = 96
+    validate(c)
+
+
+def test_fix_pred_lr_survives_keras_saving(tmp_path):
+    import simsiam_tf
+
+    encoder = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3)])
+    net = model.SimSiam.from_backbone(encoder, proj_layers=2, proj_dim=8, pred_hidden=4)
+    net.compile(
+        optimizer=simsiam_tf.sgd(net, batch_size=4, epochs=2, steps_per_epoch=2, fix_pred_lr=True)
+    )
+    net.optimizer.build(net.trainable_variables)
+    net.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    predictor = {id(v) for v in loaded.predictor.trainable_variables}
+    flags = [loaded.optimizer.uses_fixed_lr(v) for v in loaded.trainable_variables]
+    assert flags == [id(v) in predictor for v in loaded.trainable_variables] and any(flags)
+    assert loaded.optimizer.fixed_lr == pytest.approx(0.05 * 4 / 256)
