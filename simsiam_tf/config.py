@@ -140,8 +140,9 @@ def _fail(key, value, expected):
 def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
     """Raises ConfigError naming the first bad key. Reads no data."""
     m, d, a, o, t, e = c.model, c.data, c.aug, c.optim, c.train, c.eval
-    if m.backbone not in model.BACKBONES:
-        _fail("model.backbone", m.backbone, f"choose one of {model.BACKBONES}")
+    backbone_error = model.backbone_error(m.backbone)
+    if backbone_error:
+        raise ConfigError(backbone_error)
     if m.predictor not in model.PREDICTORS:
         _fail("model.predictor", m.predictor, f"choose one of {model.PREDICTORS}")
     for key in ("proj_dim", "proj_hidden", "proj_layers", "pred_hidden", "width"):
@@ -159,14 +160,17 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         )
     if d.photometric not in PHOTOMETRIC:
         _fail("data.photometric", d.photometric, f"choose one of {PHOTOMETRIC}")
-    if d.image_size < MIN_IMAGE_SIZE[m.backbone]:
+    min_size = MIN_IMAGE_SIZE.get(m.backbone, 32)  # keras.applications / keras-cv: stride 32
+    if d.image_size < min_size:
         _fail(
-            "data.image_size",
-            d.image_size,
-            f"{m.backbone} needs images of at least {MIN_IMAGE_SIZE[m.backbone]} px",
+            "data.image_size", d.image_size, f"{m.backbone} needs images of at least {min_size} px"
         )
     if d.image_check not in imagecheck.MODES:
         _fail("data.image_check", d.image_check, f"choose one of {imagecheck.MODES}")
+    if m.backbone not in MIN_IMAGE_SIZE:  # built once, in seconds: its stem's own minimum
+        size_error = model.input_size_error(m.backbone, d.image_size)
+        if size_error:
+            raise ConfigError(size_error)
     if d.max_examples < 0:
         _fail("data.max_examples", d.max_examples, "must be >= 0 (0: all)")
     if not 0 < d.eval_crop_fraction <= 1:

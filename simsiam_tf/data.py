@@ -298,39 +298,20 @@ def unpacked_archive(path: str) -> str:
 
 def prepared_tfds_builder(name: str, data_dir: Optional[str], download: bool):
     """The TFDS builder of `name`, downloaded and prepared first where allowed; ConfigError in
-    one line (an unknown name with the closest known ones, a failed download, a data set not
-    prepared) instead of TFDS's own tracebacks."""
-    import difflib
-
-    import tensorflow_datasets as tfds
+    one line (an unknown name with the closest known ones, a data set not prepared, no network,
+    a failed download) instead of TFDS's own tracebacks (`tfds_source`)."""
+    from simsiam_tf import tfds_source
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        close = difflib.get_close_matches(name, tfds.list_builders(), n=3, cutoff=0.6)
-        hint = f"did you mean {' or '.join(close)}?" if close else "see tfds.list_builders()"
-        raise ConfigError(f"data.source=tfds:{name}: no such TFDS data set; {hint}") from None
-    if download and not builder.is_prepared():
-        logging.info(
-            "Downloading and preparing tfds:%s into %s (needs the network; offline, use "
-            "data.source=folder:PATH or archive:FILE)",
-            name,
-            builder.data_dir,
-        )
-        try:
-            builder.download_and_prepare()
-        except Exception as err:  # noqa: BLE001 - any download failure: say what to do
-            raise ConfigError(
-                f"data.source=tfds:{name}: the download failed ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); check the network, or use "
-                "data.source=folder:PATH or archive:FILE with a local copy"
-            ) from err
-    elif not builder.is_prepared():
+        return tfds_source.tfds_builder_or_error(name, data_dir, download)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any download failure: say what to do
         raise ConfigError(
-            f"data.source=tfds:{name}: not prepared under {builder.data_dir} and "
-            "data.tfds_download is False; prepare it or allow the download"
-        )
-    return builder
+            f"data.source=tfds:{name}: the download failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); check the network, or use "
+            f"{tfds_source.LOCAL_SOURCES} with a local copy"
+        ) from err
 
 
 def _load_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> Optional[Source]:

@@ -374,6 +374,11 @@ def eval_sources(
     train_src, _ = holdout.load_split(config, train_split, workdir, spec, max_train)
     if train_src is None:
         raise ValueError(f"{spec} has no {train_split!r} split")
+    if train_src.num_classes == 1:
+        raise ValueError(
+            f"{train_src.name} has one class ({train_src.class_names[0]}): evaluation needs "
+            "at least 2 class subfolders"
+        )
     if train_src.num_classes < 2:
         raise ValueError(f"{train_src.name} is unlabelled: evaluation needs class subfolders")
     test_src, info = holdout.load_split(config, test_split, workdir, spec, max_test)

@@ -7,7 +7,9 @@ Architecture as the paper (section 3 and appendix A/D) and the official code
   predictor:  Dense(2048 -> 512, no bias) -> BN -> ReLU -> Dense(512 -> 2048)   (bottleneck)
 
 Images enter every backbone as float RGB in [0, 1]; the mean/std normalisation is the
-backbone's first layer, so training, evaluation and the exported SavedModel share it.
+backbone's first layer, so training, evaluation and the exported SavedModel share it. Besides
+the built-in backbones, `build_backbone` takes any `keras.applications.NAME` and
+`keras_cv.models.NAMEBackbone` (simsiam_tf/backbones.py, which says what range each sees).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from simsiam_tf import losses
+from simsiam_tf import backbones, losses
 
+# The built-in backbones; `model.backbone` also takes keras.applications.NAME and
+# keras_cv.models.NAME (`backbone_error` says whether a name can be built).
 BACKBONES = ("resnet18_cifar", "resnet18", "resnet50", "cnn_small")
 PREDICTORS = ("mlp", "identity", "fixed_random")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -218,14 +222,20 @@ def build_backbone(
     """A backbone mapping float RGB images in [0, 1], NxHxWx3, to pooled features NxC.
 
     Args:
-      name: one of BACKBONES.
-      zero_init_residual: zero the last BN gamma of every residual block (official default).
+      name: one of BACKBONES, `keras.applications.NAME` (e.g. keras.applications.ResNet50V2)
+        or `keras_cv.models.NAME` (e.g. keras_cv.models.ResNet50V2Backbone); those are built
+        with weights=None and fed the input range they were designed for (backbones.py).
+      zero_init_residual: zero the last BN gamma of every residual block (official default;
+        built-in ResNets only).
       sync_bn: cross-replica BatchNorm (`synchronized=True`).
-      mean, std: per-channel normalisation applied as the first layer.
+      mean, std: per-channel normalisation applied as the first layer (built-in backbones).
       width: base width of `cnn_small`.
     """
-    if name not in BACKBONES:
-        raise ValueError(f"model.backbone={name!r} is not known; choose one of {BACKBONES}")
+    message = backbone_error(name)
+    if message:
+        raise ValueError(message)
+    if backbones.is_external(name):
+        return backbones.build_external(name, sync_bn)
     inputs = keras.Input((None, None, 3), name="images")
     x = Normalize(mean, std, name="normalize")(inputs)
     if name == "resnet18_cifar":
@@ -238,6 +248,56 @@ def build_backbone(
         x = _cnn_small(x, sync_bn, width)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, x, name="backbone")
+
+
+def backbone_error(name: str) -> str | None:
+    """Why `name` is no backbone, naming the closest one that is; None for a valid name."""
+    if name in BACKBONES:
+        return None
+    if backbones.is_external(name):
+        try:
+            backbones.resolve(name)
+            return None
+        except ValueError as err:
+            return f"model.backbone={name}: {err}"
+    known = list(BACKBONES) + backbones.application_names() + backbones.keras_cv_names()
+    hint = backbones.closest(name, known)
+    return (
+        f"model.backbone={name!r} is not known"
+        + (f"; did you mean {hint}?" if hint else "")
+        + f" (built in: {', '.join(BACKBONES)}; or keras.applications.NAME, keras_cv.models.NAME)"
+    )
+
+
+def input_size_error(name: str, image_size: int) -> str | None:
+    """Why backbone `name` cannot be built or take image_size x image_size images (a stem that
+    shrinks them below 1 px, an architecture keras-cv cannot fetch); None when it can."""
+    try:
+        build_backbone(name).compute_output_shape((1, image_size, image_size, 3))
+    except backbones.Unbuildable as err:
+        return str(err)
+    except ValueError as err:
+        return (
+            f"model.backbone={name} cannot take data.image_size={image_size} px images "
+            f"({str(err).splitlines()[0][:200]}); raise --config.data.image_size"
+        )
+    return None
+
+
+def feature_dim(backbone: keras.Layer, image_size: int | None = None) -> int:
+    """The width C of a backbone's pooled output NxC, from `compute_output_shape` (which, unlike
+    `backbone.output`, works for a `keras.Sequential` too)."""
+    shape = None
+    try:
+        shape = backbone.input_shape
+    except (AttributeError, ValueError):
+        pass
+    if shape is None or (image_size and None in tuple(shape)[1:3]):
+        shape = (None, image_size or 32, image_size or 32, 3)
+    out = backbone.compute_output_shape(tuple(shape))
+    if len(out) != 2 or out[-1] is None:
+        raise ValueError(f"the backbone outputs shape {tuple(out)}; SimSiam needs pooled NxC")
+    return int(out[-1])
 
 
 def _dense(units: int, name: str):
@@ -298,15 +358,25 @@ def build_predictor(
     return model
 
 
+@keras.saving.register_keras_serializable("simsiam_tf")
 class SimSiam(keras.Model):
     """The SimSiam network with its own `train_step`.
 
-    `fit` takes batches `{"view1": x1, "view2": x2}` of float images in [0, 1], or, when an
-    `augmenter` is given (photometric augmentation on the device), batches that also carry
-    `"params1"`/`"params2"`, the per-image augmentation parameters drawn on the CPU.
+    `fit` takes batches `{"view1": x1, "view2": x2}` of float images in [0, 1] (or uint8), or,
+    when an `augmenter` is given (photometric augmentation on the device), batches that also
+    carry `"params1"`/`"params2"`, the per-image augmentation parameters drawn on the CPU.
 
     Calling the model returns the backbone embedding, the representation that is evaluated
-    and exported.
+    and exported. `SimSiam.from_backbone(backbone)` sizes the heads from any Keras backbone;
+    `model.save("x.keras")` and `keras.saving.load_model` round-trip it.
+
+    Args:
+      backbone: [0, 1] images NxHxWx3 -> features NxC.
+      projector: NxC -> z, NxD (`build_projector`).
+      predictor: z -> p, NxD (`build_predictor`).
+      stop_gradient: the stop-gradient on z in the loss (False: the paper's collapsing ablation).
+      symmetric: the symmetrised loss (False: one direction only, paper Table 4).
+      augmenter: the device stage of the augmentation recipe, or None.
     """
 
     def __init__(
@@ -336,6 +406,93 @@ class SimSiam(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.z_std_tracker = keras.metrics.Mean(name="z_std")
         self.p_std_tracker = keras.metrics.Mean(name="p_std")
+        # Built when its parts are (fit calls train_step, never __call__): so `save` writes every
+        # weight, and `load_model` builds the optimizer before restoring its state.
+        self.built = all(getattr(part, "built", False) for part in (backbone, projector, predictor))
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: keras.Layer,
+        proj_dim: int = 2048,
+        proj_hidden: int | None = None,
+        proj_layers: int = 3,
+        pred_hidden: int = 512,
+        predictor: str = "mlp",
+        sync_bn: bool = False,
+        stop_gradient: bool = True,
+        symmetric: bool = True,
+        preprocess: str | None = "auto",
+        image_size: int | None = None,
+        name: str = "simsiam",
+    ) -> "SimSiam":
+        """SimSiam around any Keras backbone, with the heads sized from its output.
+
+        Defaults are the paper's ImageNet recipe (section 3, appendix A; official builder.py):
+        a 3-layer projector whose hidden width is the backbone's feature width, output 2048,
+        and a 2048 -> 512 -> 2048 bottleneck predictor. For CIFAR the paper uses proj_layers=2.
+
+        Args:
+          backbone: a keras.Model or keras.Sequential taking [0, 1] images NxHxWx3; a feature
+            map output (NxHxWxC or NxLxC) is average-pooled to NxC.
+          proj_hidden: hidden width of the projector; None: the backbone's feature width.
+          preprocess: "auto" feeds a `keras.applications` model (recognised by its name, e.g.
+            "resnet50v2") the range its `preprocess_input` gives, as the command line does;
+            None feeds the backbone the [0, 1] images as they are.
+          image_size: the input size, needed only when the backbone does not declare one and
+            its output width depends on it.
+        """
+        if preprocess not in ("auto", None):
+            raise ValueError(f"preprocess={preprocess!r}: choose 'auto' or None")
+        backbone = _as_pooled_backbone(backbone, preprocess == "auto", image_size)
+        feat_dim = feature_dim(backbone, image_size)
+        projector = build_projector(
+            feat_dim, proj_dim, proj_hidden or feat_dim, proj_layers, sync_bn=sync_bn
+        )
+        head = build_predictor(proj_dim, pred_hidden, predictor, sync_bn=sync_bn)
+        return cls(
+            backbone,
+            projector,
+            head,
+            stop_gradient=stop_gradient,
+            symmetric=symmetric,
+            name=name,
+        )
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": serialize(self.backbone),
+            "projector": serialize(self.projector),
+            "predictor": serialize(self.predictor),
+            "stop_gradient": self.stop_gradient,
+            "symmetric": self.symmetric,
+            "augmenter": None if self.augmenter is None else serialize(self.augmenter),
+        }
+
+    def compile_from_config(self, config):
+        """As Keras (`load_model`), and a fixed predictor lr (fix_pred_lr), a set of variables
+        that a `.keras` file does not record, goes to this model's predictor again."""
+        config = keras.saving.deserialize_keras_object(config)
+        optimizer = config.get("optimizer")
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer
+        if getattr(inner, "fixed_lr", None) is not None and not inner.built:
+            inner.set_fixed_lr_variables(self.predictor.trainable_variables)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)  # before its variables are loaded
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("backbone", "projector", "predictor", "augmenter"):
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
+        return cls(**config)
 
     @property
     def metrics(self):
@@ -420,6 +577,30 @@ class SimSiam(keras.Model):
         return _for_keras_reduction({m.name: m.result() for m in self.metrics})
 
 
+def _as_pooled_backbone(backbone, auto_preprocess: bool, image_size: int | None):
+    """`backbone` itself when it maps [0, 1] images to NxC; else wrapped with the input
+    preprocessing its keras.applications family expects and/or a global average pool."""
+    constructor = backbones.application_for_model_name(backbone.name) if auto_preprocess else None
+    try:
+        rank = len(backbone.compute_output_shape(tuple(backbone.input_shape)))
+    except (AttributeError, ValueError):
+        rank = None
+    if constructor is None and rank == 2:
+        return backbone
+    size = image_size
+    try:
+        shape = tuple(backbone.input_shape)[1:]
+    except (AttributeError, ValueError):
+        shape = (size, size, 3)
+    inputs = keras.Input(shape, name="images")
+    x = inputs
+    if constructor is not None:
+        backbones.set_unset_normalization(backbone)
+        matrix, offset = backbones.preprocess_affine(constructor)
+        x = backbones.ColorAffine(matrix, offset, name="preprocess")(x)
+    return keras.Model(inputs, backbones.pool(backbone(x)), name="backbone")
+
+
 def _for_keras_reduction(logs: dict) -> dict:
     """Under MultiWorkerMirroredStrategy Keras (3.15) averages returned logs over replicas
     along axis 0, which a scalar lacks: there they get a leading axis of 1."""
@@ -437,7 +618,7 @@ def build_simsiam(model_config, augmenter=None) -> SimSiam:
         sync_bn=c.sync_bn,
         width=c.get("width", 32),
     )
-    feat_dim = int(backbone.output.shape[-1])
+    feat_dim = feature_dim(backbone)
     projector = build_projector(
         feat_dim, c.proj_dim, c.proj_hidden, c.proj_layers, sync_bn=c.sync_bn
     )

@@ -88,9 +88,10 @@ def config_changes(saved: dict, new: dict) -> list:
 
 
 def write_config(
-    config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False
+    config: ml_collections.ConfigDict, workdir: str, allow_change: bool = False, save: bool = True
 ) -> None:
-    """Saves the resolved config; on a rerun, first refuses a change of the run's meaning.
+    """Saves the resolved config (unless not `save`); on a rerun, first refuses a change of the
+    run's meaning.
 
     Raises ConfigError naming every meaningful key the rerun changes (old and new values),
     unless `allow_change`.
@@ -116,6 +117,8 @@ def write_config(
                 logging.warning(
                     "%s changed from %r to %r for the rest of this run", key, old, value
                 )
+    if not save:
+        return
     with open(path, "w") as f:
         json.dump(new, f, indent=2, sort_keys=True)
 
@@ -233,7 +236,9 @@ def train(
 
 def _train(config, workdir, strategy, allow_config_change, start, extra_callbacks=()) -> dict:
     workers = distribute.num_workers(strategy)
-    write_config(config, workdir, allow_config_change)
+    # A changed rerun is refused before any data is read; the config is saved once the data
+    # accepts it, so a first attempt that fails there does not bind the corrected rerun.
+    write_config(config, workdir, allow_config_change, save=False)
 
     d = config.data
     # A labelled source without a test split: its held-out images are not pretrained on.
@@ -259,6 +264,7 @@ def _train(config, workdir, strategy, allow_config_change, start, extra_callback
             f"config.optim.batch_size={global_batch} is larger than {source.name} "
             f"({source.num_examples} examples)"
         )
+    write_config(config, workdir, allow_config_change)
     logging.info(
         "%s: %d examples, %d steps of %d per epoch, %d replica(s)",
         source.name,
