@@ -327,6 +327,14 @@ def test_an_unknown_tfds_name_is_one_line_naming_the_closest(tmp_path):
     config = _folder_config(tmp_path)
     config.data.source = "tfds:cifar_10"
     with pytest.raises(
-        ConfigError, match=r"tfds:cifar_10: no such TFDS data set; did you mean cifar10"
+        ConfigError, match=r"tfds:cifar_10: TFDS has no such data set; did you mean tfds:cifar10"
     ):
         holdout.load_split(config, "train")  # the split lookup comes first: no traceback there
+
+
+def test_a_one_class_folder_is_named_as_such_by_the_monitor(tmp_path, caplog):
+    write_images(str(tmp_path / "photos" / "cats"), 6)
+    config = _folder_config(tmp_path / "photos")
+    assert callbacks.make_knn_evaluator(config, str(tmp_path / "run")) is None
+    (message,) = [r.getMessage() for r in caplog.records if "No kNN evaluation" in r.getMessage()]
+    assert message.endswith("split has one class (cats); kNN needs two or more")
