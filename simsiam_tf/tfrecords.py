@@ -72,6 +72,13 @@ def _example(encoded: bytes, label: int, filename: str) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
+def _relative_to(root: str) -> Callable[[str], str]:
+    """os.path.relpath(path, root) for paths listed under root, without its cost (a third of
+    the time a CIFAR file takes to write)."""
+    prefix = os.path.join(root, "")
+    return lambda p: p[len(prefix) :] if p.startswith(prefix) else os.path.relpath(p, root)
+
+
 def listing(names: list) -> str:
     """The first names and how many more: the form every message here names files in."""
     more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
@@ -126,6 +133,8 @@ def write_split(
     if not paths:
         raise ValueError(f"split {split!r} has no files to write")
     num_shards = min(num_shards, len(paths))
+    label_of = np.asarray(labels, np.int64).tolist()
+    relative = _relative_to(root)
     order = np.random.default_rng(seed).permutation(len(paths))
     # Shard s holds the files at positions [bounds[s], bounds[s + 1]) of `order`.
     bounds = np.cumsum([0] + [len(c) for c in np.array_split(order, num_shards)])
@@ -154,10 +163,10 @@ def write_split(
     with quiet.native_stderr_filtered(_DECODER_NOISE):
         for batch, encoded in _checked_files(paths, order, check).as_numpy_iterator():
             shard_of = np.searchsorted(bounds, position[batch], side="right") - 1
-            for i, s, image in zip(batch, shard_of, encoded):
-                open_shard(s)
-                name = os.path.relpath(paths[i], root)
-                state["writer"].write(_example(image, labels[i], name))
+            for i, s, image in zip(batch.tolist(), shard_of.tolist(), encoded):
+                if s != state["shard"]:
+                    open_shard(s)
+                state["writer"].write(_example(image, label_of[i], relative(paths[i])))
                 counts[s] += 1
             written[batch] = True
             if progress is not None:
@@ -165,7 +174,7 @@ def write_split(
         open_shard(num_shards)
     if progress is not None:
         progress.update(len(paths), finalize=True)  # once: broken files never arrive
-    skipped = [os.path.relpath(paths[i], root) for i in np.flatnonzero(~written)]
+    skipped = [relative(paths[i]) for i in np.flatnonzero(~written)]
     entry = {
         "num_examples": int(sum(counts)),
         "shards": [{"file": n, "num_examples": c} for n, c in zip(names, counts)],
@@ -438,7 +447,10 @@ def _intact_sizes(files: list) -> list:
             .ignore_errors()
             .reduce(
                 (np.int64(0), np.int64(0)),
-                lambda acc, r: (acc[0] + 1, acc[1] + tf.strings.length(r, tf.int64) + _FRAMING),
+                lambda acc, r: (
+                    acc[0] + 1,
+                    acc[1] + tf.cast(tf.strings.length(r), tf.int64) + _FRAMING,
+                ),
             )
         )
         if int(nbytes) != os.path.getsize(path):
