@@ -417,7 +417,8 @@ class RecordSet:
         return record_dataset(self.files, seed, self.sizes, self.skipped)
 
 
-def _read_manifest(arg: str) -> dict:
+def read_manifest(arg: str) -> dict:
+    """DIR/manifest.json; a ConfigError says how to make one where there is none."""
     from simsiam_tf.errors import ConfigError
 
     path = os.path.join(arg, MANIFEST)
@@ -477,7 +478,7 @@ def find_records(
     from simsiam_tf.errors import ConfigError
 
     if os.path.isdir(arg):
-        manifest = _read_manifest(arg)
+        manifest = read_manifest(arg)
         written = split
         if split not in manifest["splits"]:
             written = manifest.get("aliases", {}).get(split, split)
