@@ -314,6 +314,20 @@ class KnnEvaluator:
         )
 
 
+class SkippedRecordsLog(keras.callbacks.Callback):
+    """Adds `skipped_records` (damaged TFRecords skipped so far, by every pass: training,
+    kNN bank and queries) to the epoch logs when there are any."""
+
+    def __init__(self, counters):
+        super().__init__()
+        self.counters = [c for c in counters if c is not None]
+
+    def on_epoch_end(self, epoch, logs=None):
+        skipped = sum(c.count for c in self.counters)
+        if logs is not None and skipped:
+            logs["skipped_records"] = skipped
+
+
 class HistoryWriter(keras.callbacks.Callback):
     """Appends each epoch's logs to WORKDIR/history.jsonl, which survives restarts: `epoch`
     (1, 2, ...), `step` (optimizer steps done, over all epochs), `time` and every metric."""

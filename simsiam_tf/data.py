@@ -62,6 +62,8 @@ class Source:
     # from the seed; pretraining calls it once per epoch with a seed folded from the epoch.
     stream: Optional[Callable[[tf.Tensor], tf.data.Dataset]] = None
     root: Optional[str] = None  # image folders: the folder listed, which every path starts with
+    # TFRecords: the records that reading skipped (a corrupt or truncated shard), counted
+    skipped_records: Optional[object] = None
 
     @property
     def in_memory(self) -> bool:
@@ -381,13 +383,14 @@ def _load_tfrecords(arg: str, split: str, seed: int, shard: tuple) -> Optional[S
     if records is None:
         return None
     return Source(
-        name=f"tfrecord:{arg}/{split}",
+        name=f"tfrecord:{arg}/{records.split}",  # ".../val" when test is its alias
         num_examples=records.num_examples,
         num_classes=records.num_classes,
         labels=np.full(records.num_examples, -1, np.int64),
-        tfds_dataset=tfrecords.record_dataset(records.files, seed),
+        tfds_dataset=records.dataset(seed),
         class_names=records.class_names,
-        stream=lambda s: tfrecords.record_dataset(records.files, s),
+        stream=records.dataset,
+        skipped_records=records.skipped,
     )
 
 
@@ -807,6 +810,9 @@ def pretrain_dataset(
                 ds = ds.shuffle(
                     min(source.num_examples, data_config.shuffle_buffer), seed=buffer_seed
                 )
+                # Records lost to a damaged shard would end the epoch short: its own start
+                # fills it (take() stops before the second pass on intact data).
+                ds = ds.repeat(2)
                 ds = ds.enumerate().skip(skip * global_batch).take((steps - skip) * batch)
                 ds = ds.map(lambda i, ex: (i, ex[0]))
                 names_of = lambda n: tf.strings.join(

@@ -256,6 +256,11 @@ def load_split(
         source = data.load_source(spec, split, **kw)
     if source is None:
         return None, info
+    kind, arg = data.parse_source(spec)
+    if info is None and kind == "tfrecord" and os.path.isdir(arg):
+        from simsiam_tf import tfrecords
+
+        info = tfrecords.read_manifest(arg).get("heldout")  # written by make_tfrecords.py
     if 0 < max_examples < source.num_examples:
         source = data._subset(source, max_examples, config.seed)
     if d.check_images:

@@ -22,12 +22,14 @@ STARTUP_NOISE = re.compile(
     r"|^To enable the following instructions: .*rebuild TensorFlow"
     r"|Unable to register cu(DNN|FFT|BLAS) factory"
 )
-# libjpeg's own messages on broken or damaged files; the image check names such files itself.
+# libjpeg's (and TensorFlow's jpeg_mem.cc) messages on broken or damaged files; the image check
+# names such files itself.
 LIBJPEG_NOISE = re.compile(
     r"^(Input file read error|Premature end of JPEG file|Corrupt JPEG data|Not a JPEG file"
     r"|Invalid JPEG file structure|Unsupported marker type|Bogus marker length"
     r"|Huffman table 0x[0-9a-f]+ was not defined|Warning: unknown JFIF revision"
     r"|Improper call to JPEG library in state \d+)"
+    r"|jpeg_mem\.cc:\d+\] "  # TensorFlow's own lines about the same files
 )
 
 

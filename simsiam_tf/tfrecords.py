@@ -32,7 +32,6 @@ import dataclasses
 import glob
 import json
 import os
-import re
 import threading
 import time
 from typing import Callable, Optional
@@ -54,9 +53,6 @@ _FEATURES = {
     "image/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
-# What the decoders print about a broken file (libjpeg's lines, TensorFlow's jpeg_mem.cc errors):
-# the manifest and the tool's output name the broken files instead.
-_DECODER_NOISE = re.compile(r"{}|jpeg_mem\.cc:\d+\] ".format(quiet.LIBJPEG_NOISE.pattern))
 _TALLY = 64  # records counted at a time while reading
 # Bytes of TFRecord framing around each record: length (8) + its CRC (4) + the data's CRC (4).
 _FRAMING = 16
@@ -161,7 +157,7 @@ def write_split(
                 state["writer"] = tf.io.TFRecordWriter(tmp)
 
     # libjpeg prints a line per broken file; the entry names the broken files instead.
-    with quiet.native_stderr_filtered(_DECODER_NOISE):
+    with quiet.native_stderr_filtered(quiet.LIBJPEG_NOISE):
         for batch, encoded in _checked_files(paths, order, check).as_numpy_iterator():
             shard_of = np.searchsorted(bounds, position[batch], side="right") - 1
             for i, s, image in zip(batch.tolist(), shard_of.tolist(), encoded):

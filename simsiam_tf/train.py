@@ -360,6 +360,11 @@ def _train(config, workdir, strategy, allow_config_change, start, extra_callback
                 os.path.join(workdir, "tb"), config.train.log_every_steps, random_init_path
             )
         )
+        counters = [src.skipped_records for src in (shares if by_file else [source])]
+        if evaluator:
+            counters += [evaluator.bank.skipped_records, evaluator.queries.skipped_records]
+        if any(c is not None for c in counters):  # before the history and TensorBoard
+            cbs.insert(1, callbacks.SkippedRecordsLog(set(filter(None, counters))))
         cbs.extend(extra_callbacks)
         verbose = config.train.verbose
         if verbose == 1:
