@@ -8,9 +8,9 @@
       .tmp-3-XXXXXX/          a version being written: renamed to 3/ once complete and verified
 
 Signatures (tag "serve"); every one applies the evaluation-time preprocessing of the run
-(`data.eval_preprocess`: cut the centre region evaluation keeps, resize it) and then the
+(`decode.eval_preprocess`: cut the centre region evaluation keeps, resize it) and then the
 backbone with BatchNorm in inference mode; serving_bytes decodes as evaluation decodes files
-(`data.decode_eval`: EXIF orientation, transparency over white, a large JPEG at a DCT scale):
+(`decode.decode_eval`: EXIF orientation, transparency over white, a large JPEG at a DCT scale):
 
     serving_default   images        uint8   [batch, height, width, 3], any height and width
     serving_float     images        float32 [batch, height, width, 3], values 0-255 (not 0-1)
@@ -52,7 +52,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simsiam_tf import data, model, train
+from simsiam_tf import decode, model, train
 
 SERVING_DEFAULT = "serving_default"
 SERVING_FLOAT = "serving_float"
@@ -86,8 +86,8 @@ MAX_ASPECT_RATIO = 16
 MAX_JPEG_SCANS = 100
 # serving_bytes decodes this many images of a request at a time: memory in flight is one image.
 DECODE_PARALLELISM = 1
-JPEG_MAGIC = data.JPEG_MAGIC  # the first bytes of the only formats serving_bytes accepts
-PNG_MAGIC = data.PNG_MAGIC
+JPEG_MAGIC = decode.JPEG_MAGIC  # the first bytes of the only formats serving_bytes accepts
+PNG_MAGIC = decode.PNG_MAGIC
 
 
 def default_max_pixels(image_size: int) -> int:
@@ -148,7 +148,7 @@ class Encoder:
 
     def __call__(self, images) -> dict:
         """The in-memory reference: a uint8 (or 0-255 float) NxHxWx3 batch -> the outputs."""
-        x = data.eval_preprocess(images, self.image_size, self.crop_fraction)
+        x = decode.eval_preprocess(images, self.image_size, self.crop_fraction)
         return _outputs(self.backbone, self.projector, x)
 
 
@@ -368,7 +368,7 @@ class ServingFunctions:
 
     def serving_default(self, images):
         images = self._checked_batch(images)
-        return self._embed(data.eval_preprocess(images, self.image_size, self.crop_fraction))
+        return self._embed(decode.eval_preprocess(images, self.image_size, self.crop_fraction))
 
     def serving_float(self, images):
         images = self._checked_batch(images)
@@ -377,12 +377,12 @@ class ServingFunctions:
             tf.logical_not(finite), IMAGES, "not finite (NaN or inf); images must be finite"
         )
         with tf.control_dependencies([check]):
-            region = data.eval_region(images, self.crop_fraction)
+            region = decode.eval_region(images, self.crop_fraction)
         # Clipped to the uint8 range and not rounded: integer-valued input gives exactly what
         # the same pixels give as uint8 through serving_default. Only the region is clipped
         # (clipping is per pixel, so the result is that of eval_preprocess on clipped images).
         region = tf.clip_by_value(region, 0.0, 255.0)
-        return self._embed(data.eval_resize(region, self.image_size))
+        return self._embed(decode.eval_resize(region, self.image_size))
 
     def serving_bytes(self, image_bytes):
         rank = tf.debugging.assert_rank(
@@ -445,7 +445,7 @@ class ServingFunctions:
             )
             same = tf.debugging.assert_equal(shape, tf.stack([h, w]))
             with tf.control_dependencies([same]):
-                return i, data.decode_eval(encoded, size, crop)
+                return i, decode.decode_eval(encoded, size, crop)
 
         options = tf.data.Options()
         options.autotune.enabled = False
@@ -494,8 +494,8 @@ def _read_header(encoded: tf.Tensor) -> tf.Tensor:
     )
     fmt = tf.where(is_jpeg, _JPEG, tf.where(is_png, _PNG, 0))
     zero = tf.zeros((2,), tf.int64)
-    png = tf.cond(is_png, lambda: data.png_size(encoded, missing=-1), lambda: zero)
-    jpeg = tf.cond(is_jpeg, lambda: data.jpeg_size(encoded, missing=-1), lambda: zero)
+    png = tf.cond(is_png, lambda: decode.png_size(encoded, missing=-1), lambda: zero)
+    jpeg = tf.cond(is_jpeg, lambda: decode.jpeg_size(encoded, missing=-1), lambda: zero)
     scans = tf.cond(
         is_jpeg,
         lambda: tf.size(tf.strings.split(encoded, sep=b"\xff\xda"), out_type=tf.int64) - 1,

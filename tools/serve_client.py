@@ -51,9 +51,9 @@ def decode_pixels(encoded: bytes) -> np.ndarray:
     applied, transparency over white), the decoding serving_bytes does too; serving_bytes then
     decodes a JPEG much larger than the model's input at a reduced DCT scale, so the pixels of
     such a photo embed slightly differently (docs/SERVING.md)."""
-    from simsiam_tf import data
+    from simsiam_tf import decode
 
-    return data.decode_rgb(encoded).numpy()
+    return decode.decode_rgb(encoded).numpy()
 
 
 def signature_inputs(signature: str, encoded: Sequence[bytes]) -> list:
