@@ -279,6 +279,8 @@ class ServingFunctions:
         self.max_pixels = limits["max_pixels"]
         self.max_batch = limits["max_batch"]
         self.max_request_pixels = limits["max_request_pixels"]
+        # Scan data a JPEG header walk reads per image and step: its memory is the batch's.
+        self.jpeg_search = max(decode.JPEG_MIN_SEARCH, decode.JPEG_SEARCH_BYTES // self.max_batch)
 
     def _embed(self, preprocessed):
         return _outputs(self.backbone, self.projector, preprocessed)
@@ -393,11 +395,11 @@ class ServingFunctions:
         with tf.control_dependencies(self._check_batch_size(count, IMAGE_BYTES)):
             image_bytes = tf.reshape(image_bytes, [-1])
         # Every image's format and size are read from its header first, none decoded.
-        headers = tf.map_fn(
-            _read_header, image_bytes, fn_output_signature=tf.TensorSpec((4,), tf.int64)
-        )
-        fmt, height, width, scans = headers[:, 0], headers[:, 1], headers[:, 2], headers[:, 3]
+        h = read_headers(image_bytes, self.jpeg_search)
+        fmt, height, width, scans = h["format"], h["height"], h["width"], h["scans"]
         length = tf.strings.length(image_bytes)
+        is_jpeg, is_png = tf.equal(fmt, _JPEG), tf.equal(fmt, _PNG)
+        png_bound = decode.png_data_bound(h["raw_bytes"])
         checks = [
             _refuse_first(
                 tf.equal(fmt, 0),
@@ -406,13 +408,21 @@ class ServingFunctions:
                 length,
             ),
             _refuse_first(
-                tf.logical_and(tf.equal(fmt, _PNG), tf.logical_or(length < 33, height < 0)),
+                is_png & ((length < 33) | (height < 0)),
                 IMAGE_BYTES,
                 "truncated PNG (no IHDR header; {} bytes)",
                 length,
             ),
             _refuse_first(
-                tf.logical_and(tf.equal(fmt, _JPEG), height < 0),
+                ~h["walked"],
+                IMAGE_BYTES,
+                "{} whose headers could not be followed to their end within "
+                f"{decode.MAX_HEADER_STEPS} steps (marker segments, chunks of scan data, PNG "
+                "chunks); this export does not accept it",
+                tf.gather(tf.constant(["", "JPEG", "PNG"]), fmt),
+            ),
+            _refuse_first(
+                is_jpeg & (height < 0),
                 IMAGE_BYTES,
                 "JPEG without a frame header (SOF) before its first scan ({} bytes)",
                 length,
@@ -426,7 +436,26 @@ class ServingFunctions:
         ]
         with tf.control_dependencies(checks):
             size_checks = self._check_sizes(height, width, IMAGE_BYTES)
+        # Within max_pixels, the bytes of a PNG's rows are far from overflowing int64.
         with tf.control_dependencies(size_checks):
+            png_checks = [
+                _refuse_first(
+                    is_png & (height >= 0) & (h["raw_bytes"] < 0),
+                    IMAGE_BYTES,
+                    "PNG of a colour type and bit depth that PNG does not define (IHDR)",
+                ),
+                _refuse_first(
+                    is_png & (h["raw_bytes"] >= 0) & (h["idat_bytes"] > png_bound),
+                    IMAGE_BYTES,
+                    "PNG of {} bytes of compressed image data (IDAT), more than the {} that its "
+                    "declared {} x {} pixels can need",
+                    h["idat_bytes"],
+                    png_bound,
+                    height,
+                    width,
+                ),
+            ]
+        with tf.control_dependencies(png_checks):
             index = tf.range(count)
         return self._embed(self._decode_all(index, image_bytes, fmt, height, width))
 
@@ -436,7 +465,7 @@ class ServingFunctions:
         image missing from the result is named)."""
         size, crop = self.image_size, self.crop_fraction
 
-        def decode(i, encoded, f, h, w):
+        def decode_one(i, encoded, f, h, w):
             # libjpeg must read the size the header check read, or nothing is decoded.
             shape = tf.cond(
                 tf.equal(f, _JPEG),
@@ -452,7 +481,7 @@ class ServingFunctions:
         options.experimental_optimization.apply_default_optimizations = False
         decoded = (
             tf.data.Dataset.from_tensor_slices((index, image_bytes, fmt, height, width))
-            .map(decode, num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
+            .map(decode_one, num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
             .ignore_errors(log_warning=False)
         )
         # One placeholder row after the images, so the batch below is never empty.
@@ -482,26 +511,29 @@ class ServingFunctions:
         return images
 
 
-def _read_header(encoded: tf.Tensor) -> tf.Tensor:
-    """[format (0 neither, 1 JPEG, 2 PNG), height, width, scans] int64 of one encoded image,
-    read by bounds-safe byte reads (never an error); height -1 when the header is missing (a
-    PNG without IHDR, a JPEG without a frame header); scans: a JPEG's SOS markers (0 for PNG;
-    in entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker)."""
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
-    is_png = tf.logical_and(
-        tf.equal(tf.strings.substr(encoded, 0, len(PNG_MAGIC)), PNG_MAGIC),
-        tf.logical_not(is_jpeg),
-    )
+def read_headers(image_bytes: tf.Tensor, search: int) -> dict:
+    """What a batch [n] of encoded images declares, read by the bounded walks of
+    `decode.jpeg_walk` (every scan, `search` bytes of scan data a step) and `decode.png_header`
+    (every chunk), all images at once: int64 [n] "format" (0 neither, 1 JPEG, 2 PNG), "height"
+    and "width" (-1 without a header), "scans" (a JPEG's SOS markers), "raw_bytes",
+    "idat_bytes" (a PNG's; see png_header), bool [n] "walked"."""
+    is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(image_bytes, 0, len(PNG_MAGIC)), PNG_MAGIC) & ~is_jpeg
     fmt = tf.where(is_jpeg, _JPEG, tf.where(is_png, _PNG, 0))
-    zero = tf.zeros((2,), tf.int64)
-    png = tf.cond(is_png, lambda: decode.png_size(encoded, missing=-1), lambda: zero)
-    jpeg = tf.cond(is_jpeg, lambda: decode.jpeg_size(encoded, missing=-1), lambda: zero)
-    scans = tf.cond(
-        is_jpeg,
-        lambda: tf.size(tf.strings.split(encoded, sep=b"\xff\xda"), out_type=tf.int64) - 1,
-        lambda: tf.constant(0, tf.int64),
+    jpeg = decode.jpeg_walk(image_bytes, "end", search=search, active=is_jpeg)
+    png = decode.png_header(image_bytes, active=is_png)
+    height = tf.where(is_png, png["height"], jpeg["height"])
+    width = tf.where(is_png, png["width"], jpeg["width"])
+    zero = tf.zeros_like(height)
+    return dict(
+        format=tf.cast(fmt, tf.int64),
+        height=tf.where(is_png | is_jpeg, height, zero),
+        width=tf.where(is_png | is_jpeg, width, zero),
+        scans=tf.where(is_jpeg, jpeg["scans"], zero),
+        raw_bytes=tf.where(is_png, png["raw_bytes"], zero),
+        idat_bytes=tf.where(is_png, png["idat_bytes"], zero),
+        walked=tf.where(is_jpeg, jpeg["walked"], tf.where(is_png, png["walked"], True)),
     )
-    return tf.concat([tf.cast(fmt, tf.int64)[None], jpeg + png, scans[None]], 0)
 
 
 # ------------------------------------------------------------------------------------------------
