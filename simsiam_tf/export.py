@@ -23,7 +23,7 @@ backbone with BatchNorm in inference mode; serving_bytes decodes as evaluation d
 
 Inputs are declared with unknown rank on purpose: TF Serving feeds a request's tensor to the
 graph without checking it against the declared shape, so every check is an op in the graph
-(tf.debugging asserts, run before anything that depends on them). A bad request therefore gets
+(tf.debugging.Assert ops, run before anything that depends on them). A bad request therefore gets
 an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cli` and Python,
 whose message names the first offending image by its index: an empty batch or one above
 `max_batch`, a wrong rank or channel count, non-finite floats, bytes that are not a JPEG or PNG,
@@ -346,6 +346,12 @@ def _restore_from_checkpoint(config: ml_collections.ConfigDict, workdir: str):
 # The serving graph.
 
 
+def _refuse(ok: tf.Tensor, message: str) -> tf.Operation:
+    """An InvalidArgument assertion whose text is `message` alone, one printable line (the
+    tf.debugging.assert_* ops add the condition and the values on further lines)."""
+    return tf.debugging.Assert(ok, [tf.constant(message)])
+
+
 def _refuse_first(bad: tf.Tensor, what: str, message: str, *values) -> tf.Operation:
     """An InvalidArgument assertion that names the first image i with bad[i]: "what[i]: message",
     each {} of message replaced by one of values (indexed by i, or a scalar; numbers or text)."""
@@ -412,14 +418,11 @@ class ServingFunctions:
     def _check_batch_size(self, n, what: str) -> list:
         n = tf.cast(n, tf.int64)
         return [
-            tf.debugging.assert_positive(
-                n, message=f"{what}: empty batch; send at least one image"
-            ),
-            tf.debugging.assert_less_equal(
-                n,
-                tf.constant(self.max_batch, tf.int64),
-                message=f"{what}: batch larger than the {self.max_batch} images this export "
-                "accepts; split the request",
+            _refuse(n > 0, f"{what}: empty batch; send at least one image"),
+            _refuse(
+                n <= self.max_batch,
+                f"{what}: batch larger than the {self.max_batch} images this export accepts; "
+                "split the request",
             ),
         ]
 
@@ -468,8 +471,8 @@ class ServingFunctions:
     def _checked_batch(self, images, what: str = IMAGES):
         """images with its shape checked at run time: [batch >= 1, height, width, 3] within the
         limits; static shape [None, None, None, 3] from then on."""
-        rank = tf.debugging.assert_rank(
-            images, 4, message=f"{what} must be a batch [batch, height, width, 3]"
+        rank = _refuse(
+            tf.equal(tf.rank(images), 4), f"{what} must be a batch [batch, height, width, 3]"
         )
         # The runtime may evaluate the shape of a wrong-rank input ahead of the rank assertion
         # (Grappler folds it to a constant): the shape checked below is then a valid stand-in,
@@ -479,9 +482,7 @@ class ServingFunctions:
         rank_ok = tf.equal(tf.rank(images), 4)
         shape = tf.where(rank_ok, padded[:4], tf.constant([1, 1, 1, 3], tf.int64))
         checks = [
-            tf.debugging.assert_equal(
-                shape[3], tf.constant(3, tf.int64), message=f"{what} must have 3 channels (RGB)"
-            ),
+            _refuse(tf.equal(shape[3], 3), f"{what} must have 3 channels (RGB)"),
             *self._check_batch_size(shape[0], what),
         ]
         with tf.control_dependencies(checks):
@@ -511,8 +512,9 @@ class ServingFunctions:
         return self._embed(decode.eval_resize(region, self.image_size))
 
     def serving_bytes(self, image_bytes):
-        rank = tf.debugging.assert_rank(
-            image_bytes, 1, message="image_bytes must be a batch [batch] of encoded images"
+        rank = _refuse(
+            tf.equal(tf.rank(image_bytes), 1),
+            "image_bytes must be a batch [batch] of encoded images",
         )
         with tf.control_dependencies([rank]):
             count = tf.size(image_bytes, out_type=tf.int64)
