@@ -5,6 +5,8 @@
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests   one request per signature, replayed at load
         assets.extra/simsiam_export.json          where the weights came from, the preprocessing
+        assets.extra/limits.json                  the request limits, for clients
+        assets.extra/batching_parameters.txt      TF Serving's batching for those limits
       .tmp-3-XXXXXX/          a version being written: renamed to 3/ once complete and verified
 
 Signatures (tag "serve"); every one applies the evaluation-time preprocessing of the run
@@ -28,11 +30,12 @@ an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cl
 whose message names the first offending image by its index: an empty batch or one above
 `max_batch`, a wrong rank or channel count, non-finite floats, bytes that are not a JPEG or PNG,
 an image above `max_pixels` or more elongated than MAX_ASPECT_RATIO, a request above
-`max_request_pixels`, a corrupt or truncated file. The size of an encoded image is read from
-its header (the PNG IHDR chunk; the JPEG frame header, found by following the marker segments)
-by bounds-checked byte reads before anything is decoded, so a small file that declares a huge
-image allocates nothing, and what an accepted one costs is bounded by the limits, whose
-defaults follow image_size (docs/SERVING.md, "Memory").
+`max_request_pixels`, a PNG whose compressed data exceeds what its declared rows can need, a
+corrupt or truncated file; each message is one printable line. The size of an encoded image is
+read from its header (the PNG IHDR chunk; the JPEG frame header) by the bounded walks of
+`decode` before anything is decoded, so a small file that declares a huge image allocates
+nothing, a huge request costs a few MB before it is refused, and what an accepted one costs is
+bounded by the limits, whose defaults follow image_size (docs/SERVING.md, "Memory").
 """
 
 from __future__ import annotations

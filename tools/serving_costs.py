@@ -107,7 +107,14 @@ def cases(limits: dict) -> dict:
         comment = b"\xff\xfe\x00\x02"
         return [photo[:2] + comment * (decode.MAX_HEADER_STEPS - 50) + photo[2:]]
 
+    def long_scans():  # scan data of zeros (no marker) in every image, 256 MB in all
+        photo = _photo()
+        sos = photo.index(b"\xff\xda")
+        header = photo[: sos + 2 + struct.unpack(">H", photo[sos + 2 : sos + 4])[0]]
+        return [header + b"\x00" * (256 * _MB // limits["max_batch"])] * limits["max_batch"]
+
     return {
+        "jpeg_long_scans_256mb": long_scans,
         "jpeg_magic_16mb": lambda: [b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * (16 * _MB)],
         "photo_exif_16mb": lambda: [_photo() + b"Exif\x00\x00" * (16 * _MB // 6)],
         "png_magic_16mb": lambda: [_png(1, 1, 2, b"")[:33] + b"\x00" * (16 * _MB)],
