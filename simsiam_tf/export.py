@@ -5,12 +5,14 @@
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests   one request per signature, replayed at load
         assets.extra/simsiam_export.json          where the weights came from, the preprocessing
+        assets.extra/limits.json                  the request limits, for clients
+        assets.extra/batching_parameters.txt      TF Serving's batching for those limits
       .tmp-3-XXXXXX/          a version being written: renamed to 3/ once complete and verified
 
 Signatures (tag "serve"); every one applies the evaluation-time preprocessing of the run
-(`data.eval_preprocess`: cut the centre region evaluation keeps, resize it) and then the
+(`decode.eval_preprocess`: cut the centre region evaluation keeps, resize it) and then the
 backbone with BatchNorm in inference mode; serving_bytes decodes as evaluation decodes files
-(`data.decode_eval`: EXIF orientation, transparency over white, a large JPEG at a DCT scale):
+(`decode.decode_eval`: EXIF orientation, transparency over white, a large JPEG at a DCT scale):
 
     serving_default   images        uint8   [batch, height, width, 3], any height and width
     serving_float     images        float32 [batch, height, width, 3], values 0-255 (not 0-1)
@@ -23,16 +25,17 @@ backbone with BatchNorm in inference mode; serving_bytes decodes as evaluation d
 
 Inputs are declared with unknown rank on purpose: TF Serving feeds a request's tensor to the
 graph without checking it against the declared shape, so every check is an op in the graph
-(tf.debugging asserts, run before anything that depends on them). A bad request therefore gets
+(tf.debugging.Assert ops, run before anything that depends on them). A bad request therefore gets
 an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cli` and Python,
 whose message names the first offending image by its index: an empty batch or one above
 `max_batch`, a wrong rank or channel count, non-finite floats, bytes that are not a JPEG or PNG,
 an image above `max_pixels` or more elongated than MAX_ASPECT_RATIO, a request above
-`max_request_pixels`, a corrupt or truncated file. The size of an encoded image is read from
-its header (the PNG IHDR chunk; the JPEG frame header, found by following the marker segments)
-by bounds-checked byte reads before anything is decoded, so a small file that declares a huge
-image allocates nothing, and what an accepted one costs is bounded by the limits, whose
-defaults follow image_size (docs/SERVING.md, "Memory").
+`max_request_pixels`, a PNG whose compressed data exceeds what its declared rows can need, a
+corrupt or truncated file; each message is one printable line. The size of an encoded image is
+read from its header (the PNG IHDR chunk; the JPEG frame header) by the bounded walks of
+`decode` before anything is decoded, so a small file that declares a huge image allocates
+nothing, a huge request costs a few MB before it is refused, and what an accepted one costs is
+bounded by the limits, whose defaults follow image_size (docs/SERVING.md, "Memory").
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from simsiam_tf import data, model, train
+from simsiam_tf import decode, model, train
 
 SERVING_DEFAULT = "serving_default"
 SERVING_FLOAT = "serving_float"
@@ -86,8 +89,8 @@ MAX_ASPECT_RATIO = 16
 MAX_JPEG_SCANS = 100
 # serving_bytes decodes this many images of a request at a time: memory in flight is one image.
 DECODE_PARALLELISM = 1
-JPEG_MAGIC = data.JPEG_MAGIC  # the first bytes of the only formats serving_bytes accepts
-PNG_MAGIC = data.PNG_MAGIC
+JPEG_MAGIC = decode.JPEG_MAGIC  # the first bytes of the only formats serving_bytes accepts
+PNG_MAGIC = decode.PNG_MAGIC
 
 
 def default_max_pixels(image_size: int) -> int:
@@ -129,6 +132,122 @@ def resolve_limits(
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "simsiam_export.json"
+LIMITS_FILE = "limits.json"  # the limits alone, for clients (tools/serve_client.py --limits)
+BATCHING_FILE = "batching_parameters.txt"  # TF Serving --batching_parameters_file for them
+# The scheduling part of the batching parameters, the same for every export.
+BATCH_TIMEOUT_MICROS = 5000
+NUM_BATCH_THREADS = 4
+MAX_ENQUEUED_BATCHES = 100
+
+
+def limits_record(limits: dict) -> dict:
+    """What limits.json holds: the request limits and the fixed bounds of the graph."""
+    return dict(
+        limits,
+        max_aspect_ratio=MAX_ASPECT_RATIO,
+        max_jpeg_scans=MAX_JPEG_SCANS,
+        max_header_steps=decode.MAX_HEADER_STEPS,
+        images_per_execution=images_per_execution(limits),
+    )
+
+
+def images_per_execution(limits: dict) -> int:
+    """The most images TF Serving may run as one merged batch without the graph refusing it
+    whatever the images: at most max_batch, and at most as many images of the largest size
+    (max_pixels) as max_request_pixels holds. The graph's checks see a merged batch as one
+    request."""
+    return int(min(limits["max_batch"], limits["max_request_pixels"] // limits["max_pixels"]))
+
+
+def batching_parameters(limits: dict) -> dict:
+    """TF Serving's BatchingParameters for an export of these limits, as {field: value}:
+    requests of up to max_batch images, split and merged into batches of at most
+    `images_per_execution`, so that no batch the server runs exceeds the limits."""
+    return dict(
+        max_batch_size=int(limits["max_batch"]),
+        enable_large_batch_splitting=True,
+        max_execution_batch_size=images_per_execution(limits),
+        batch_timeout_micros=BATCH_TIMEOUT_MICROS,
+        num_batch_threads=NUM_BATCH_THREADS,
+        max_enqueued_batches=MAX_ENQUEUED_BATCHES,
+        pad_variable_length_inputs=False,
+    )
+
+
+_BATCHING_COMMENTS = {
+    "max_batch_size": "Largest request: at most the export's max_batch (a larger one is refused by the "
+    "server).",
+    "enable_large_batch_splitting": "Requests are split, and merged, into batches of ...",
+    "max_execution_batch_size": "... at most this many images: max_batch, and no more images "
+    "of the largest size\n# (max_pixels) than max_request_pixels holds, so that no merged batch "
+    "can exceed the limits.",
+    "batch_timeout_micros": "Wait at most 5 ms for more requests before running a partial batch.",
+    "num_batch_threads": "Batches run in parallel (about the number of cores per model on a CPU "
+    "host).",
+    "max_enqueued_batches": "Queued batches before new requests are refused with UNAVAILABLE "
+    "(back-pressure).",
+    "pad_variable_length_inputs": "Never pad images of different sizes to a common one: the "
+    "zeros would change the embeddings.\n# Requests to serving_default/serving_float merged "
+    "into one batch must share height and width;\n# serving_bytes takes images of any size in "
+    "any mix.",
+}
+
+
+def batching_parameters_text(params: dict, header: str) -> str:
+    """params as the text format of TF Serving's BatchingParameters (wrapper types for the
+    numbers and enable_large_batch_splitting, a plain bool for pad_variable_length_inputs), each
+    field under a comment, after the `header` comment lines."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    for name, value in params.items():
+        lines.append("")
+        lines.append("# " + _BATCHING_COMMENTS[name])
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if name == "pad_variable_length_inputs":
+            lines.append(f"{name}: {text}")
+        else:
+            lines.append(f"{name} {{ value: {text} }}")
+    return "\n".join(lines) + "\n"
+
+
+def shipped_batching_text(recipes: dict) -> str:
+    """serving/batching_parameters.txt: the batching parameters that agree with the default
+    limits of every recipe in `recipes` ({recipe name: image_size}): each number the smallest
+    the recipes' exports would write (`batching_parameters`), so that none of their default
+    exports can see a merged batch above its limits."""
+    per_recipe = {
+        name: batching_parameters(resolve_limits(size)) for name, size in sorted(recipes.items())
+    }
+    meet = dict(next(iter(per_recipe.values())))
+    for params in per_recipe.values():
+        for key in ("max_batch_size", "max_execution_batch_size"):
+            meet[key] = min(meet[key], params[key])
+    listing = "\n".join(
+        f"  {name} ({recipes[name]} px): max_batch_size {p['max_batch_size']}, "
+        f"max_execution_batch_size {p['max_execution_batch_size']}"
+        for name, p in per_recipe.items()
+    )
+    header = (
+        "TF Serving --batching_parameters_file (BatchingParameters, text format), used with\n"
+        "--enable_batching. Generated by `python tools/batching_parameters.py --write` from the "
+        "default\nlimits of the shipped recipes; each number is the smallest of theirs:\n"
+        + listing
+        + "\nAn export writes its own in assets.extra/batching_parameters.txt (the same "
+        "arithmetic on its\nlimits): serve that one for a model exported with other limits. "
+        "docs/SERVING.md explains it."
+    )
+    return batching_parameters_text(meet, header)
+
+
+def export_batching_text(limits: dict) -> str:
+    """assets.extra/batching_parameters.txt of an export of these limits."""
+    header = (
+        "TF Serving --batching_parameters_file (BatchingParameters, text format) for this "
+        "export,\nused with --enable_batching; written by tools/export.py from the limits "
+        f"of {LIMITS_FILE}:\n"
+        + ", ".join(f"{k} {limits[k]}" for k in ("max_batch", "max_pixels", "max_request_pixels"))
+        + ". docs/SERVING.md explains it."
+    )
+    return batching_parameters_text(batching_parameters(limits), header)
 
 
 class ExportError(ValueError):
@@ -148,7 +267,7 @@ class Encoder:
 
     def __call__(self, images) -> dict:
         """The in-memory reference: a uint8 (or 0-255 float) NxHxWx3 batch -> the outputs."""
-        x = data.eval_preprocess(images, self.image_size, self.crop_fraction)
+        x = decode.eval_preprocess(images, self.image_size, self.crop_fraction)
         return _outputs(self.backbone, self.projector, x)
 
 
@@ -230,6 +349,12 @@ def _restore_from_checkpoint(config: ml_collections.ConfigDict, workdir: str):
 # The serving graph.
 
 
+def _refuse(ok: tf.Tensor, message: str) -> tf.Operation:
+    """An InvalidArgument assertion whose text is `message` alone, one printable line (the
+    tf.debugging.assert_* ops add the condition and the values on further lines)."""
+    return tf.debugging.Assert(ok, [tf.constant(message)])
+
+
 def _refuse_first(bad: tf.Tensor, what: str, message: str, *values) -> tf.Operation:
     """An InvalidArgument assertion that names the first image i with bad[i]: "what[i]: message",
     each {} of message replaced by one of values (indexed by i, or a scalar; numbers or text)."""
@@ -279,6 +404,16 @@ class ServingFunctions:
         self.max_pixels = limits["max_pixels"]
         self.max_batch = limits["max_batch"]
         self.max_request_pixels = limits["max_request_pixels"]
+        # Scan data a JPEG header walk reads per image and step: its memory is the batch's.
+        self.jpeg_search = max(decode.JPEG_MIN_SEARCH, decode.JPEG_SEARCH_BYTES // self.max_batch)
+
+    def limits(self) -> dict:
+        """{max_pixels, max_batch, max_request_pixels} of this export."""
+        return dict(
+            max_pixels=self.max_pixels,
+            max_batch=self.max_batch,
+            max_request_pixels=self.max_request_pixels,
+        )
 
     def _embed(self, preprocessed):
         return _outputs(self.backbone, self.projector, preprocessed)
@@ -286,14 +421,11 @@ class ServingFunctions:
     def _check_batch_size(self, n, what: str) -> list:
         n = tf.cast(n, tf.int64)
         return [
-            tf.debugging.assert_positive(
-                n, message=f"{what}: empty batch; send at least one image"
-            ),
-            tf.debugging.assert_less_equal(
-                n,
-                tf.constant(self.max_batch, tf.int64),
-                message=f"{what}: batch larger than the {self.max_batch} images this export "
-                "accepts; split the request",
+            _refuse(n > 0, f"{what}: empty batch; send at least one image"),
+            _refuse(
+                n <= self.max_batch,
+                f"{what}: batch larger than the {self.max_batch} images this export accepts; "
+                "split the request",
             ),
         ]
 
@@ -342,8 +474,8 @@ class ServingFunctions:
     def _checked_batch(self, images, what: str = IMAGES):
         """images with its shape checked at run time: [batch >= 1, height, width, 3] within the
         limits; static shape [None, None, None, 3] from then on."""
-        rank = tf.debugging.assert_rank(
-            images, 4, message=f"{what} must be a batch [batch, height, width, 3]"
+        rank = _refuse(
+            tf.equal(tf.rank(images), 4), f"{what} must be a batch [batch, height, width, 3]"
         )
         # The runtime may evaluate the shape of a wrong-rank input ahead of the rank assertion
         # (Grappler folds it to a constant): the shape checked below is then a valid stand-in,
@@ -353,9 +485,7 @@ class ServingFunctions:
         rank_ok = tf.equal(tf.rank(images), 4)
         shape = tf.where(rank_ok, padded[:4], tf.constant([1, 1, 1, 3], tf.int64))
         checks = [
-            tf.debugging.assert_equal(
-                shape[3], tf.constant(3, tf.int64), message=f"{what} must have 3 channels (RGB)"
-            ),
+            _refuse(tf.equal(shape[3], 3), f"{what} must have 3 channels (RGB)"),
             *self._check_batch_size(shape[0], what),
         ]
         with tf.control_dependencies(checks):
@@ -368,7 +498,7 @@ class ServingFunctions:
 
     def serving_default(self, images):
         images = self._checked_batch(images)
-        return self._embed(data.eval_preprocess(images, self.image_size, self.crop_fraction))
+        return self._embed(decode.eval_preprocess(images, self.image_size, self.crop_fraction))
 
     def serving_float(self, images):
         images = self._checked_batch(images)
@@ -377,27 +507,28 @@ class ServingFunctions:
             tf.logical_not(finite), IMAGES, "not finite (NaN or inf); images must be finite"
         )
         with tf.control_dependencies([check]):
-            region = data.eval_region(images, self.crop_fraction)
+            region = decode.eval_region(images, self.crop_fraction)
         # Clipped to the uint8 range and not rounded: integer-valued input gives exactly what
         # the same pixels give as uint8 through serving_default. Only the region is clipped
         # (clipping is per pixel, so the result is that of eval_preprocess on clipped images).
         region = tf.clip_by_value(region, 0.0, 255.0)
-        return self._embed(data.eval_resize(region, self.image_size))
+        return self._embed(decode.eval_resize(region, self.image_size))
 
     def serving_bytes(self, image_bytes):
-        rank = tf.debugging.assert_rank(
-            image_bytes, 1, message="image_bytes must be a batch [batch] of encoded images"
+        rank = _refuse(
+            tf.equal(tf.rank(image_bytes), 1),
+            "image_bytes must be a batch [batch] of encoded images",
         )
         with tf.control_dependencies([rank]):
             count = tf.size(image_bytes, out_type=tf.int64)
         with tf.control_dependencies(self._check_batch_size(count, IMAGE_BYTES)):
             image_bytes = tf.reshape(image_bytes, [-1])
         # Every image's format and size are read from its header first, none decoded.
-        headers = tf.map_fn(
-            _read_header, image_bytes, fn_output_signature=tf.TensorSpec((4,), tf.int64)
-        )
-        fmt, height, width, scans = headers[:, 0], headers[:, 1], headers[:, 2], headers[:, 3]
+        h = read_headers(image_bytes, self.jpeg_search)
+        fmt, height, width, scans = h["format"], h["height"], h["width"], h["scans"]
         length = tf.strings.length(image_bytes)
+        is_jpeg, is_png = tf.equal(fmt, _JPEG), tf.equal(fmt, _PNG)
+        png_bound = decode.png_data_bound(h["raw_bytes"])
         checks = [
             _refuse_first(
                 tf.equal(fmt, 0),
@@ -406,13 +537,21 @@ class ServingFunctions:
                 length,
             ),
             _refuse_first(
-                tf.logical_and(tf.equal(fmt, _PNG), tf.logical_or(length < 33, height < 0)),
+                is_png & ((length < 33) | (height < 0)),
                 IMAGE_BYTES,
                 "truncated PNG (no IHDR header; {} bytes)",
                 length,
             ),
             _refuse_first(
-                tf.logical_and(tf.equal(fmt, _JPEG), height < 0),
+                ~h["walked"],
+                IMAGE_BYTES,
+                "{} whose headers could not be followed to their end within "
+                f"{decode.MAX_HEADER_STEPS} steps (marker segments, chunks of scan data, PNG "
+                "chunks); this export does not accept it",
+                tf.gather(tf.constant(["", "JPEG", "PNG"]), fmt),
+            ),
+            _refuse_first(
+                is_jpeg & (height < 0),
                 IMAGE_BYTES,
                 "JPEG without a frame header (SOF) before its first scan ({} bytes)",
                 length,
@@ -426,7 +565,26 @@ class ServingFunctions:
         ]
         with tf.control_dependencies(checks):
             size_checks = self._check_sizes(height, width, IMAGE_BYTES)
+        # Within max_pixels, the bytes of a PNG's rows are far from overflowing int64.
         with tf.control_dependencies(size_checks):
+            png_checks = [
+                _refuse_first(
+                    is_png & (height >= 0) & (h["raw_bytes"] < 0),
+                    IMAGE_BYTES,
+                    "PNG of a colour type and bit depth that PNG does not define (IHDR)",
+                ),
+                _refuse_first(
+                    is_png & (h["raw_bytes"] >= 0) & (h["idat_bytes"] > png_bound),
+                    IMAGE_BYTES,
+                    "PNG of {} bytes of compressed image data (IDAT), more than the {} that its "
+                    "declared {} x {} pixels can need",
+                    h["idat_bytes"],
+                    png_bound,
+                    height,
+                    width,
+                ),
+            ]
+        with tf.control_dependencies(png_checks):
             index = tf.range(count)
         return self._embed(self._decode_all(index, image_bytes, fmt, height, width))
 
@@ -436,7 +594,7 @@ class ServingFunctions:
         image missing from the result is named)."""
         size, crop = self.image_size, self.crop_fraction
 
-        def decode(i, encoded, f, h, w):
+        def decode_one(i, encoded, f, h, w):
             # libjpeg must read the size the header check read, or nothing is decoded.
             shape = tf.cond(
                 tf.equal(f, _JPEG),
@@ -445,14 +603,14 @@ class ServingFunctions:
             )
             same = tf.debugging.assert_equal(shape, tf.stack([h, w]))
             with tf.control_dependencies([same]):
-                return i, data.decode_eval(encoded, size, crop)
+                return i, decode.decode_eval(encoded, size, crop)
 
         options = tf.data.Options()
         options.autotune.enabled = False
         options.experimental_optimization.apply_default_optimizations = False
         decoded = (
             tf.data.Dataset.from_tensor_slices((index, image_bytes, fmt, height, width))
-            .map(decode, num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
+            .map(decode_one, num_parallel_calls=DECODE_PARALLELISM, deterministic=True)
             .ignore_errors(log_warning=False)
         )
         # One placeholder row after the images, so the batch below is never empty.
@@ -482,26 +640,29 @@ class ServingFunctions:
         return images
 
 
-def _read_header(encoded: tf.Tensor) -> tf.Tensor:
-    """[format (0 neither, 1 JPEG, 2 PNG), height, width, scans] int64 of one encoded image,
-    read by bounds-safe byte reads (never an error); height -1 when the header is missing (a
-    PNG without IHDR, a JPEG without a frame header); scans: a JPEG's SOS markers (0 for PNG;
-    in entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker)."""
-    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
-    is_png = tf.logical_and(
-        tf.equal(tf.strings.substr(encoded, 0, len(PNG_MAGIC)), PNG_MAGIC),
-        tf.logical_not(is_jpeg),
-    )
+def read_headers(image_bytes: tf.Tensor, search: int) -> dict:
+    """What a batch [n] of encoded images declares, read by the bounded walks of
+    `decode.jpeg_walk` (every scan, `search` bytes of scan data a step) and `decode.png_header`
+    (every chunk), all images at once: int64 [n] "format" (0 neither, 1 JPEG, 2 PNG), "height"
+    and "width" (-1 without a header), "scans" (a JPEG's SOS markers), "raw_bytes",
+    "idat_bytes" (a PNG's; see png_header), bool [n] "walked"."""
+    is_jpeg = tf.equal(tf.strings.substr(image_bytes, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
+    is_png = tf.equal(tf.strings.substr(image_bytes, 0, len(PNG_MAGIC)), PNG_MAGIC) & ~is_jpeg
     fmt = tf.where(is_jpeg, _JPEG, tf.where(is_png, _PNG, 0))
-    zero = tf.zeros((2,), tf.int64)
-    png = tf.cond(is_png, lambda: data.png_size(encoded, missing=-1), lambda: zero)
-    jpeg = tf.cond(is_jpeg, lambda: data.jpeg_size(encoded, missing=-1), lambda: zero)
-    scans = tf.cond(
-        is_jpeg,
-        lambda: tf.size(tf.strings.split(encoded, sep=b"\xff\xda"), out_type=tf.int64) - 1,
-        lambda: tf.constant(0, tf.int64),
+    jpeg = decode.jpeg_walk(image_bytes, "end", search=search, active=is_jpeg)
+    png = decode.png_header(image_bytes, active=is_png)
+    height = tf.where(is_png, png["height"], jpeg["height"])
+    width = tf.where(is_png, png["width"], jpeg["width"])
+    zero = tf.zeros_like(height)
+    return dict(
+        format=tf.cast(fmt, tf.int64),
+        height=tf.where(is_png | is_jpeg, height, zero),
+        width=tf.where(is_png | is_jpeg, width, zero),
+        scans=tf.where(is_jpeg, jpeg["scans"], zero),
+        raw_bytes=tf.where(is_png, png["raw_bytes"], zero),
+        idat_bytes=tf.where(is_png, png["idat_bytes"], zero),
+        walked=tf.where(is_jpeg, jpeg["walked"], tf.where(is_png, png["walked"], True)),
     )
-    return tf.concat([tf.cast(fmt, tf.int64)[None], jpeg + png, scans[None]], 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,6 +729,11 @@ def save(functions: ServingFunctions, path: str, metadata: Optional[dict] = None
     _write_warmup(os.path.join(extra, WARMUP_FILE), _probe_requests(functions.image_size))
     with open(os.path.join(extra, METADATA_FILE), "w") as f:
         json.dump(metadata or {}, f, indent=2, sort_keys=True)
+    limits = functions.limits()
+    with open(os.path.join(extra, LIMITS_FILE), "w") as f:
+        json.dump(limits_record(limits), f, indent=2, sort_keys=True)
+    with open(os.path.join(extra, BATCHING_FILE), "w") as f:
+        f.write(export_batching_text(limits))
 
 
 def verify(path: str, encoder: Encoder, atol: float = 1e-5) -> None:

@@ -855,3 +855,87 @@ def test_eval_crops_before_resizing_and_serving_matches_it(run, tmp_path):
     got = tf.saved_model.load(path).signatures["serving_bytes"](image_bytes=encoded)
     want = export._outputs(enc.backbone, enc.projector, pixels)  # the eval pipeline's pixels
     _assert_close({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in want.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# Bounded header reads, legal JPEGs, PNG data bounded by the declared rows.
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def test_legal_jpegs_embed_as_the_same_image_without_their_segments(loaded):
+    """61 comments, an ICC profile in 70 chunks and FF DA inside payloads were refused (the
+    old walk gave up after 64 segments, and counted FF DA anywhere as a scan)."""
+    photo = _photo_jpeg()
+    profile = np.random.default_rng(3).integers(0, 256, 65519 * 69 + 7, np.uint8).tobytes()
+    from PIL import Image
+
+    icc = io.BytesIO()
+    Image.open(io.BytesIO(photo)).save(icc, "JPEG", quality=95, icc_profile=profile)
+    plain = io.BytesIO()
+    Image.open(io.BytesIO(photo)).save(plain, "JPEG", quality=95)
+    with_icc, without_icc = icc.getvalue(), plain.getvalue()
+    assert with_icc.count(b"\xff\xe2") >= 70
+    comments = photo[:2] + b"".join(_segment(0xFE, b"%d \xff\xda" % i) for i in range(61))
+    variants = [
+        comments + photo[2:],
+        photo[:2] + _segment(0xFE, b"\xff\xda" * 150) + photo[2:],
+    ]
+    serve = loaded.signatures["serving_bytes"]
+    got = serve(image_bytes=tf.constant([photo, *variants, without_icc, with_icc]))["embedding"]
+    got = got.numpy()
+    np.testing.assert_array_equal(got[1], got[0])
+    np.testing.assert_array_equal(got[2], got[0])
+    np.testing.assert_array_equal(got[4], got[3])
+
+
+def _png_bomb(height, width, zeros):
+    raw = b"".join(b"\x00" + b"\x00" * (3 * width) for _ in range(height))
+    c = zlib.compressobj(9)
+    stream = c.compress(raw + b"\x00" * zeros) + c.flush()
+    chunk = lambda kind, body: (
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    )
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    )
+
+
+def test_a_png_whose_data_outgrows_its_rows_is_refused_before_decoding(loaded):
+    """A 1x1 PNG inflating to 0.5 GB was accepted (libpng inflates to the end of the stream)
+    and cost 1.3-1.8 s of CPU; within the bound it is served, past it refused by name."""
+    bomb = _png_bomb(1, 1, 64 << 20)  # 64 MB of zeros past the one row: 65 KB of data
+    fine = _png_bomb(1, 1, 0)
+    serve = loaded.signatures["serving_bytes"]
+    assert tf.io.decode_png(bomb).shape == (1, 1, 3)  # libpng accepts it
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"image_bytes\[1\]: PNG of \d+ bytes of compressed image data \(IDAT\), more than "
+        r"the 1039 that its declared 1 x 1 pixels can need",
+    ):
+        serve(image_bytes=tf.constant([fine, bomb]))
+    assert serve(image_bytes=tf.constant([fine]))["embedding"].shape == (1, 32)
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_huge_requests_cost_a_few_mb_before_their_refusal(sized, size, tmp_path):
+    """16 MB after the JPEG magic cost +496-512 MB before its refusal (split on FF DA), and 16 MB
+    of "Exif\\0\\0" after a photo +48 MB (split in the Exif probe)."""
+    photo = _photo_jpeg()
+    results = eh.measure(
+        sized[size],
+        [
+            ("serving_bytes", _bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(16 << 20))),
+            ("serving_bytes", _bytes(photo + b"Exif\x00\x00" * ((16 << 20) // 6))),
+            ("serving_bytes", _bytes(_png_bomb(1, 1, 0)[:33] + bytes(16 << 20))),
+        ],
+        tmp_path,
+    )
+    _refused(results[0], r"image_bytes\[0\]: JPEG without a frame header")
+    assert results[0]["extra_mb"] < 4, results[0]
+    _served(results[1], 16)
+    _refused(results[2], r"image_bytes\[0\]: PNG whose headers could not be followed")
+    assert results[2]["extra_mb"] < 4, results[2]

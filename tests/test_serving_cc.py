@@ -109,6 +109,12 @@ PROTOCOL = {
     "float sent to the uint8 signature": ("INVALID_ARGUMENT", "uint8"),
     "tensor content shorter than its shape": ("INVALID_ARGUMENT", "tensor parsing error: images"),
     "not a PredictRequest": ("INVALID_ARGUMENT", "malformed PredictRequest"),
+    # TF Serving's ServerCore and manager, in its words, before any signature is looked at.
+    "unknown model name": ("NOT_FOUND", "Servable not found for request: Latest(resnet)"),
+    "unknown version": ("NOT_FOUND", "Servable not found for request: Specific(simsiam, 7)"),
+    "version 1 by number": (None, None),
+    "unknown version label": ("INVALID_ARGUMENT", "Unrecognized servable version label: stable"),
+    "no model name": ("INVALID_ARGUMENT", "ModelSpec has no name specified."),
 }
 
 
@@ -119,9 +125,27 @@ def _protocol_requests(input_specs) -> dict:
     from tensorflow_serving.apis import predict_pb2
 
     bad_content = predict_pb2.PredictRequest()
+    bad_content.model_spec.name = "simsiam"
     bad_content.model_spec.signature_name = "serving_default"
     bad_content.inputs["images"].CopyFrom(short)
+
+    def spec(**fields):
+        request = predict_pb2.PredictRequest.FromString(
+            cc.predict_request("serving_default", {"images": images})
+        )
+        for name, value in fields.items():
+            if name == "version":
+                request.model_spec.version.value = value
+            else:
+                setattr(request.model_spec, name, value)
+        return request.SerializeToString()
+
     return {
+        "unknown model name": spec(name="resnet"),
+        "unknown version": spec(version=7),
+        "version 1 by number": spec(version=1),
+        "unknown version label": spec(version_label="stable"),
+        "no model name": spec(name=""),
         "unknown signature": cc.predict_request("serving_nope", {"images": images}),
         "saved_model_init_op is no signature": cc.predict_request(
             "__saved_model_init_op", {"images": images}
@@ -254,6 +278,9 @@ def test_hostile_input_is_an_error_status(case, served):
 def test_malformed_requests_are_an_error_status(case, served):
     got = served.responses[f"protocol/{case}"]
     code, message = PROTOCOL[case]
+    if code is None:  # the version served, asked by its number
+        assert got["ok"] and got["model_spec"]["version"] == 1, got
+        return
     assert not got["ok"] and got["code"] == code
     assert message in got["error"], got["error"]
 

@@ -155,10 +155,14 @@ class _RestHandler(BaseHTTPRequestHandler):
     model = None  # set on a subclass
 
     def do_POST(self):  # noqa: N802 (http.server's name)
-        match = re.fullmatch(r"/v1/models/simsiam(/versions/1)?:predict", self.path)
+        match = re.fullmatch(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:predict", self.path)
         body = self.rfile.read(int(self.headers["Content-Length"])).decode("utf-8")
         if match is None:
-            return self._reply(404, {"error": f"Servable not found for request: {self.path}"})
+            return self._reply(404, {"error": f"Malformed request: POST {self.path}"})
+        name, version = match.groups()
+        if name != "simsiam" or version not in (None, "1"):  # TF Serving's wording
+            request = f"Specific({name}, {version})" if version else f"Latest({name})"
+            return self._reply(404, {"error": f"Servable not found for request: {request}"})
         signature = json.loads(body).get("signature_name", "serving_default")
         try:
             out = self.model.predict(
@@ -195,6 +199,14 @@ def servers(saved_model):
 
     class Predictor(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):  # noqa: N802 (the gRPC method's name)
+            spec = request.model_spec
+            if spec.name != "simsiam" or spec.HasField("version") and spec.version.value != 1:
+                version = f", {spec.version.value})" if spec.HasField("version") else ")"
+                kind = "Specific(" if spec.HasField("version") else "Latest("
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Servable not found for request: {kind}{spec.name}{version}",
+                )
             signature = request.model_spec.signature_name or "serving_default"
             inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
             try:
@@ -247,9 +259,17 @@ def test_client_reports_a_refused_request(servers, photos, protocol):
         serve_client.predict(
             servers[protocol], [eh.jpeg_with_size(jpeg, 30000, 30000)], protocol=protocol
         )
-    code = "HTTP 400" if protocol == "rest" else "gRPC INVALID_ARGUMENT"
-    with pytest.raises(serve_client.ServingError, match=code):
+    with pytest.raises(
+        serve_client.ServingError, match=r"image 0: image_bytes\[0\]: JPEG without a frame"
+    ) as err:
         serve_client.predict(servers[protocol], [jpeg[:1000]], protocol=protocol)
+    assert err.value.refused and "\n" not in str(err.value) and "{{" not in str(err.value)
+    # Not a refusal: the transport's error, as it is.
+    with pytest.raises(
+        serve_client.ServingError,
+        match=r"(HTTP 404|gRPC NOT_FOUND): Servable not found for request: Latest\(other\)",
+    ):
+        serve_client.predict(servers[protocol], [jpeg], protocol=protocol, model_name="other")
     # The server is still up and answering.
     assert serve_client.predict(servers[protocol], [jpeg], protocol=protocol)[
         "embedding"
@@ -289,7 +309,12 @@ def test_client_tool_prints_embeddings(servers, enc, photos, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 1
-    assert "error: HTTP 400" in proc.stderr and "not a JPEG or PNG" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: {tmp_path / 'notes.txt'}: image_bytes[0]: not a JPEG or PNG image (12 bytes); "
+        "only JPEG and PNG are accepted"
+    )
+    [line] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert line["file"] == paths[0]
     assert "Traceback" not in proc.stderr
 
 
@@ -310,8 +335,9 @@ def test_serving_config_files_parse_and_agree_with_the_export():
     with open(os.path.join(REPO, "serving", "batching_parameters.txt")) as f:
         text = f.read()
     values = dict(re.findall(r"^(\w+) \{ value: (\w+) \}$", text, re.M))
-    assert int(values["max_batch_size"]) == export.DEFAULT_MAX_BATCH
-    assert int(values["max_execution_batch_size"]) <= export.DEFAULT_MAX_BATCH
+    # At most the 224 px recipe's 4 images a request (tests/test_batching.py: every recipe).
+    assert int(values["max_batch_size"]) == export.default_max_batch(224) == 4
+    assert int(values["max_execution_batch_size"]) == 4
     assert values["enable_large_batch_splitting"] == "true"
     assert re.search(r"^pad_variable_length_inputs: false$", text, re.M)
 
@@ -326,3 +352,57 @@ def test_serving_config_files_parse_and_agree_with_the_export():
         f'"$PWD/exports/simsiam:{model.base_path}:ro"',
     ):
         assert flag in build, flag
+
+
+def test_requests_are_planned_within_the_limits(photos):
+    jpeg = photos["china.jpg"]  # 427 x 640
+    pixels = 427 * 640
+    limits = {"max_batch": 3, "max_request_pixels": 2 * pixels + 1, "max_pixels": pixels}
+    assert serve_client.declared_pixels(jpeg) == pixels
+    assert serve_client.declared_pixels(b"<html>") == 0
+    files = [jpeg] * 5
+    assert serve_client.plan_requests(files, 32, None) == [(0, 5)]
+    assert serve_client.plan_requests(files, 2, None) == [(0, 2), (2, 4), (4, 5)]
+    assert serve_client.plan_requests(files, 32, limits) == [(0, 2), (2, 4), (4, 5)]
+    limits["max_request_pixels"] = 10 * pixels
+    assert serve_client.plan_requests(files, 32, limits) == [(0, 3), (3, 5)]
+    assert serve_client.plan_requests([b"x"] * 7, 32, limits) == [(0, 3), (3, 6), (6, 7)]
+
+
+def test_refusal_line_keeps_the_reason_only():
+    message = (
+        "assertion failed: [image_bytes[3]: not a JPEG or PNG image (4 bytes); only JPEG and "
+        "PNG are accepted]\n\t [[{{function_node __inference_serving_bytes_3334}}"
+        "{{node Assert_3/Assert}}]]"
+    )
+    assert serve_client.refusal_line("HTTP 400: " + message) == (
+        "image_bytes[3]: not a JPEG or PNG image (4 bytes); only JPEG and PNG are accepted"
+    )
+    assert serve_client.refusal_line("gRPC UNAVAILABLE: failed to connect") == (
+        "gRPC UNAVAILABLE: failed to connect"
+    )
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_more_files_than_a_request_holds_and_a_refused_one(
+    servers, enc, saved_model, photos, protocol
+):
+    """9 files to an export of max_batch 4 (its limits.json, made smaller here): 3 requests;
+    a refused file is retried alone, named, and the other 8 are embedded."""
+    with open(os.path.join(saved_model, "assets.extra", export.LIMITS_FILE)) as f:
+        limits = dict(json.load(f), max_batch=4)
+    good = list(photos.values())
+    files = [good[i % 2] for i in range(9)]
+    files[5] = b"<html>"
+    outputs, accepted, refused = serve_client.embed(
+        servers[protocol], files, protocol=protocol, limits=limits, batch_size=32
+    )
+    assert accepted == [0, 1, 2, 3, 4, 6, 7, 8]
+    assert list(refused) == [5]
+    assert refused[5] == (
+        "image_bytes[0]: not a JPEG or PNG image (6 bytes); only JPEG and PNG are accepted"
+    )
+    want = eh.reference_from_bytes(enc, [files[i] for i in accepted])
+    _assert_close(outputs, want)
+    with pytest.raises(serve_client.ServingError, match=r"image 5: image_bytes\[0\]: not a JPEG"):
+        serve_client.predict(servers[protocol], files, protocol=protocol, limits=limits)

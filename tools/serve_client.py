@@ -3,6 +3,15 @@
   python tools/serve_client.py --server=localhost:8501 photo1.jpg photo2.png        # REST
   python tools/serve_client.py --server=localhost:8500 --protocol=grpc photo1.jpg   # gRPC
 
+  python tools/serve_client.py --server=localhost:8501 --limits=exports/simsiam photos/*.jpg
+
+With --limits (the export's assets.extra/limits.json, its version directory or its base path)
+the files are sent in requests that stay within the export's limits (max_batch images,
+max_request_pixels pixels, read from each file's header); without, --batch_size files a
+request. A refused request is sent again one file at a time, so that one bad file costs only
+itself: each refused file is named on stderr with the server's one-line reason, the others are
+printed, and the exit status is 1.
+
 By default the encoded files travel as they are to the `serving_bytes` signature (REST:
 `{"signature_name": "serving_bytes", "instances": [{"b64": ...}, ...]}`; gRPC: a
 PredictRequest whose `image_bytes` input is a DT_STRING tensor [batch]) and the server decodes
@@ -15,7 +24,10 @@ exported SavedModel without a server.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -33,8 +45,71 @@ PROTOCOLS = ("rest", "grpc")
 GRPC_MAX_MESSAGE_BYTES = 256 << 20
 
 
+# Files a request without --limits: the largest batch of every shipped recipe's default export.
+DEFAULT_BATCH_SIZE = 4
+
+
 class ServingError(RuntimeError):
-    """The server refused a request; the message is the server's."""
+    """The server refused a request or failed; the message is the server's, `refused` when the
+    request itself was refused (HTTP 400, gRPC INVALID_ARGUMENT), not the transport."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
+
+
+def refusal_line(message: str) -> str:
+    """The one line of a server's error that says why: the text of the graph's assertion,
+    without the runtime's node and function names (`[[{{function_node ...}}]]`)."""
+    found = re.search(r"assertion failed: \[(.*?)\](?:\s*\[\[|\s*$)", message, re.S)
+    text = found.group(1) if found else message
+    text = re.sub(r"\s*\[\[\{\{.*", "", text, flags=re.S)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) if lines else message.strip()
+
+
+def read_limits(path: str) -> dict:
+    """An export's limits: its assets.extra/limits.json, given as that file, the version
+    directory, or the model's base path (its highest version)."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "saved_model.pb")):
+        found = export.versions(path)
+        if not found:
+            raise FileNotFoundError(f"--limits={path}: neither a SavedModel nor a base path")
+        path = os.path.join(path, str(found[-1]))
+    if os.path.isdir(path):
+        path = os.path.join(path, "assets.extra", export.LIMITS_FILE)
+    with open(path) as f:
+        return json.load(f)
+
+
+def declared_pixels(encoded: bytes) -> int:
+    """height x width from an image's header (PIL reads no pixels); 0 when unreadable (the
+    server will say why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - any unreadable header: the server refuses it by name
+        return 0
+    return int(width) * int(height)
+
+
+def plan_requests(encoded: Sequence[bytes], batch_size: int, limits: Optional[dict]) -> list:
+    """Consecutive index ranges [(start, stop)], each one request: at most batch_size files and,
+    with limits, at most max_batch files of at most max_request_pixels pixels in all."""
+    most = batch_size if limits is None else min(batch_size, int(limits["max_batch"]))
+    budget = None if limits is None else int(limits["max_request_pixels"])
+    out, start, pixels = [], 0, 0
+    for i, e in enumerate(encoded):
+        p = declared_pixels(e) if budget is not None else 0
+        if i > start and (i - start >= most or (budget is not None and pixels + p > budget)):
+            out.append((start, i))
+            start, pixels = i, 0
+        pixels += p
+    if encoded:
+        out.append((start, len(encoded)))
+    return out
 
 
 def read_files(paths: Sequence[str]) -> list:
@@ -51,9 +126,9 @@ def decode_pixels(encoded: bytes) -> np.ndarray:
     applied, transparency over white), the decoding serving_bytes does too; serving_bytes then
     decodes a JPEG much larger than the model's input at a reduced DCT scale, so the pixels of
     such a photo embed slightly differently (docs/SERVING.md)."""
-    from simsiam_tf import data
+    from simsiam_tf import decode
 
-    return data.decode_rgb(encoded).numpy()
+    return decode.decode_rgb(encoded).numpy()
 
 
 def signature_inputs(signature: str, encoded: Sequence[bytes]) -> list:
@@ -132,7 +207,7 @@ def send_rest(url: str, body: dict, timeout: float) -> dict:
             message = json.loads(text)["error"]
         except (ValueError, KeyError, TypeError):
             message = text
-        raise ServingError(f"HTTP {err.code}: {message}") from None
+        raise ServingError(f"HTTP {err.code}: {message}", refused=err.code == 400) from None
 
 
 def send_grpc(server: str, request, timeout: float) -> dict:
@@ -148,37 +223,83 @@ def send_grpc(server: str, request, timeout: float) -> dict:
         try:
             return parse_grpc_response(stub.Predict(request, timeout=timeout))
         except grpc.RpcError as err:
-            raise ServingError(f"gRPC {err.code().name}: {err.details()}") from None
+            refused = err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            raise ServingError(f"gRPC {err.code().name}: {err.details()}", refused) from None
 
 
-def predict(
+def _send(server, protocol, model_name, signature, version, values, timeout) -> dict:
+    results = []
+    for value in values:
+        if protocol == "rest":
+            url = rest_url(server, model_name, version)
+            results.append(send_rest(url, rest_body(signature, value), timeout))
+        else:
+            request = grpc_request(model_name, signature, value, version)
+            results.append(send_grpc(server, request, timeout))
+    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+
+
+def embed(
     server: str,
     encoded: Sequence[bytes],
     protocol: str = "rest",
     model_name: str = "simsiam",
     signature: str = export.SERVING_BYTES,
     version: Optional[int] = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limits: Optional[dict] = None,
     timeout: float = 60.0,
-) -> dict:
-    """Sends encoded images to the server; {output name: array [len(encoded), ...]}."""
+) -> tuple[dict, list, dict]:
+    """Sends encoded images in requests within `limits` (`plan_requests`); a refused request
+    is sent again one image at a time. Returns ({output name: array [accepted, ...]}, the
+    indices of the accepted images, {index of a refused image: the server's reason})."""
     if not encoded:
         raise ValueError("no images to send")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}: choose one of {PROTOCOLS}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    chunks = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-    results = []
-    for chunk in chunks:
-        for value in signature_inputs(signature, chunk):
-            if protocol == "rest":
-                url = rest_url(server, model_name, version)
-                results.append(send_rest(url, rest_body(signature, value), timeout))
-            else:
-                request = grpc_request(model_name, signature, value, version)
-                results.append(send_grpc(server, request, timeout))
-    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+    send = lambda chunk: _send(
+        server,
+        protocol,
+        model_name,
+        signature,
+        version,
+        signature_inputs(signature, chunk),
+        timeout,
+    )
+    parts, accepted, refused = [], [], {}
+    for start, stop in plan_requests(encoded, batch_size, limits):
+        try:
+            parts.append(send(encoded[start:stop]))
+            accepted += range(start, stop)
+            continue
+        except ServingError as err:
+            if not err.refused:
+                raise
+            if stop - start == 1:
+                refused[start] = refusal_line(str(err))
+                continue
+        for i in range(start, stop):  # one bad image fails its request: find it, keep the rest
+            try:
+                parts.append(send(encoded[i : i + 1]))
+                accepted.append(i)
+            except ServingError as err:
+                if not err.refused:
+                    raise
+                refused[i] = refusal_line(str(err))
+    outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    return outputs, accepted, refused
+
+
+def predict(server: str, encoded: Sequence[bytes], **kwargs) -> dict:
+    """Sends encoded images to the server (`embed`'s arguments); {output name: array
+    [len(encoded), ...]}, or ServingError naming the first image refused and why."""
+    outputs, _, refused = embed(server, encoded, **kwargs)
+    if refused:
+        first = min(refused)
+        raise ServingError(f"image {first}: {refused[first]}", refused=True)
+    return outputs
 
 
 def define_flags() -> None:
@@ -193,7 +314,16 @@ def define_flags() -> None:
         "signature", export.SERVING_BYTES, export.SIGNATURES, "Serving signature to call."
     )
     flags.DEFINE_string("output_key", export.EMBEDDING, "Output to print.")
-    flags.DEFINE_integer("batch_size", 32, "Images per serving_bytes request.")
+    flags.DEFINE_string(
+        "limits",
+        None,
+        "The export's limits.json, version directory or base path: requests stay within them.",
+    )
+    flags.DEFINE_integer(
+        "batch_size",
+        DEFAULT_BATCH_SIZE,
+        "Most images per serving_bytes request (with --limits, also at most its max_batch).",
+    )
     flags.DEFINE_float("timeout", 60.0, "Seconds to wait for each response.")
     flags.DEFINE_string("save", None, "Also save the printed outputs to this .npy file.")
     flags.mark_flag_as_required("server")
@@ -205,7 +335,8 @@ def main(argv):
     if not paths:
         sys.exit("error: give one or more image files after the flags")
     try:
-        outputs = predict(
+        limits = read_limits(f.limits) if f.limits else None
+        outputs, accepted, refused = embed(
             f.server,
             read_files(paths),
             protocol=f.protocol,
@@ -213,17 +344,23 @@ def main(argv):
             signature=f.signature,
             version=f.model_version,
             batch_size=f.batch_size,
+            limits=limits,
             timeout=f.timeout,
         )
-    except (ServingError, OSError) as err:
-        sys.exit(f"error: {err}")
-    if f.output_key not in outputs:
-        sys.exit(f"error: --output_key={f.output_key} was not returned; got {sorted(outputs)}")
-    values = outputs[f.output_key]
-    for path, row in zip(paths, values):
-        print(json.dumps({"file": path, f.output_key: [float(v) for v in row]}))
-    if f.save:
-        np.save(f.save, values)
+    except (ServingError, OSError, ValueError) as err:
+        sys.exit(f"error: {refusal_line(str(err))}")
+    for i, reason in sorted(refused.items()):
+        print(f"error: {paths[i]}: {reason}", file=sys.stderr)
+    if accepted:
+        if f.output_key not in outputs:
+            sys.exit(f"error: --output_key={f.output_key} was not returned; got {sorted(outputs)}")
+        values = outputs[f.output_key]
+        for i, row in zip(accepted, values):
+            print(json.dumps({"file": paths[i], f.output_key: [float(v) for v in row]}))
+        if f.save:
+            np.save(f.save, values)
+    if refused:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

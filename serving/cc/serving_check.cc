@@ -2,13 +2,18 @@
 // TF Serving's SavedModel servables wrap: tensorflow::LoadSavedModel(..., {"serve"}, &bundle),
 // the SignatureDefs of bundle.meta_graph_def, and bundle.session->Run on the signature's tensors.
 //
-//   serving_check MODEL_PATH [--warmup] [--warmup_file=FILE ...] [REQUEST ...]
+//   serving_check MODEL_PATH [--warmup] [--warmup_file=FILE ...] [--model_name=NAME]
+//                 [REQUEST ...]
 //
 // MODEL_PATH    a SavedModel directory, or a model's base path: its highest all-digit
 //               subdirectory is loaded, as TF Serving's default version policy serves it.
 // --warmup      replays MODEL/assets.extra/tf_serving_warmup_requests as TF Serving does at
 //               load time: a TFRecord of PredictionLog, every record run, the first failure fatal.
 // --warmup_file replays FILE as well (repeatable; each file is replayed and reported alone).
+// --model_name  the name the model is served under (default "simsiam", as serving/models.config
+//               names it): a request for another name, or for another version than the one
+//               loaded, is answered NOT_FOUND with TF Serving's words ("Servable not found for
+//               request: Latest(NAME)" / "Specific(NAME, VERSION)").
 // REQUEST       a file holding a serialized tensorflow.serving.PredictRequest (what a gRPC client
 //               sends); the PredictResponse is written to REQUEST.response.
 //
@@ -64,6 +69,7 @@ using tensorflow::Tensor;
 
 constexpr char kServeTag[] = "serve";                          // tag_constants.SERVING
 constexpr char kDefaultSignature[] = "serving_default";        // what an empty name means
+constexpr char kDefaultModelName[] = "simsiam";               // serving/models.config
 constexpr char kPredictMethod[] = "tensorflow/serving/predict";  // signature_constants
 constexpr char kWarmupFile[] = "tf_serving_warmup_requests";
 constexpr char kInitOpSignature[] = "__saved_model_init_op";  // not a signature TF Serving lists
@@ -158,6 +164,7 @@ struct Field {
   int number;
   int wire_type;
   absl::string_view bytes;  // the payload of a length-delimited field (wire type 2)
+  uint64_t varint = 0;      // the value of a varint field (wire type 0)
 };
 
 bool ReadVarint(absl::string_view* in, uint64_t* value) {
@@ -184,7 +191,7 @@ absl::Status ParseFields(absl::string_view in, absl::string_view what, std::vect
     Field field{number, wire_type, {}};
     switch (wire_type) {
       case 0:  // varint
-        if (!ReadVarint(&in, &length)) return malformed("truncated varint");
+        if (!ReadVarint(&in, &field.varint)) return malformed("truncated varint");
         break;
       case 1:  // 64-bit
       case 5:  // 32-bit
@@ -230,19 +237,40 @@ bool HasField(const std::vector<Field>& fields, int number) {
 }
 
 struct PredictRequest {
+  std::string model_name;
+  bool has_version = false;  // version and version_label: ModelSpec's oneof version_choice
+  int64_t version = 0;
+  bool has_version_label = false;
+  std::string version_label;
   std::string signature_name;
   std::map<std::string, std::string> inputs;  // alias -> serialized TensorProto
   std::vector<std::string> output_filter;
 };
 
-// tensorflow.serving.PredictRequest: model_spec = 1 (ModelSpec: signature_name = 3),
-// inputs = 2 (map<string, TensorProto>), output_filter = 3.
+// tensorflow.serving.PredictRequest: model_spec = 1 (ModelSpec: name = 1, version = 2
+// (Int64Value: value = 1), version_label = 4, signature_name = 3), inputs = 2
+// (map<string, TensorProto>), output_filter = 3.
 absl::Status ParsePredictRequest(absl::string_view bytes, PredictRequest* request) {
   std::vector<Field> fields, spec;
   TF_RETURN_IF_ERROR(ParseFields(bytes, "PredictRequest", &fields));
   const std::string spec_bytes = MessageField(fields, 1);
   TF_RETURN_IF_ERROR(ParseFields(spec_bytes, "PredictRequest.model_spec", &spec));
+  request->model_name = StringField(spec, 1);
   request->signature_name = StringField(spec, 3);
+  for (const Field& f : spec) {  // the oneof: the last of version and version_label wins
+    if (f.number == 2 && f.wire_type == 2) {
+      std::vector<Field> value;
+      TF_RETURN_IF_ERROR(ParseFields(f.bytes, "ModelSpec.version", &value));
+      request->has_version = true, request->has_version_label = false;
+      request->version = 0;
+      for (const Field& v : value) {
+        if (v.number == 1 && v.wire_type == 0) request->version = static_cast<int64_t>(v.varint);
+      }
+    } else if (f.number == 4 && f.wire_type == 2) {
+      request->has_version_label = true, request->has_version = false;
+      request->version_label.assign(f.bytes.data(), f.bytes.size());
+    }
+  }
   for (const Field& f : fields) {
     if (f.wire_type != 2) continue;
     if (f.number == 2) {
@@ -292,6 +320,29 @@ std::string SerializePredictResponse(const std::vector<std::pair<std::string, Te
   AppendBytesField(3, signature, &spec);
   AppendBytesField(2, spec, &response);
   return response;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding the servable, as TF Serving's ServerCore does for the ModelSpec of a request
+// (ServableRequestFromModelSpec, then the manager's lookup): this process serves one version
+// of one model, as a models.config entry with the default (latest) version policy would.
+
+absl::Status FindServable(const PredictRequest& request, const std::string& model_name,
+                          int64_t served_version) {
+  if (request.model_name.empty()) {
+    return absl::InvalidArgumentError("ModelSpec has no name specified.");
+  }
+  if (request.has_version_label) {  // no labels are configured
+    return absl::InvalidArgumentError(
+        absl::StrCat("Unrecognized servable version label: ", request.version_label));
+  }
+  const bool found = request.model_name == model_name &&
+                     (!request.has_version || request.version == served_version);
+  if (found) return absl::OkStatus();
+  return absl::NotFoundError(absl::StrCat(
+      "Servable not found for request: ",
+      request.has_version ? absl::StrCat("Specific(", request.model_name, ", ", request.version, ")")
+                          : absl::StrCat("Latest(", request.model_name, ")")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -477,13 +528,16 @@ int main(int argc, char** argv) {
   if (argc < 2 || argv[1][0] == '-') return Usage("the first argument must be MODEL_PATH");
   std::vector<std::string> warmup_files, requests;
   bool own_warmup = false;
-  const std::string warmup_flag = "--warmup_file=";
+  std::string model_name = kDefaultModelName;
+  const std::string warmup_flag = "--warmup_file=", name_flag = "--model_name=";
   for (int i = 2; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--warmup") {
       own_warmup = true;
     } else if (arg.rfind(warmup_flag, 0) == 0) {
       warmup_files.push_back(arg.substr(warmup_flag.size()));
+    } else if (arg.rfind(name_flag, 0) == 0) {
+      model_name = arg.substr(name_flag.size());
     } else if (arg[0] == '-') {
       return Usage(("unknown flag " + arg).c_str());
     } else {
@@ -522,6 +576,7 @@ int main(int argc, char** argv) {
     std::vector<std::pair<std::string, Tensor>> outputs;
     status = tensorflow::ReadFileToString(tensorflow::Env::Default(), path, &bytes);
     if (status.ok()) status = ParsePredictRequest(bytes, &request);
+    if (status.ok()) status = FindServable(request, model_name, version);
     if (status.ok()) status = Predict(bundle, request, &signature, &outputs);
     const std::string response_path = path + ".response";
     if (status.ok()) {

@@ -1,0 +1,132 @@
+"""Batching parameters that agree with the export's limits: the shipped file and an export's
+own, parsed with TF Serving's BatchingParameters message, and the arithmetic behind them."""
+
+import json
+import os
+
+import pytest
+from google.protobuf import (
+    descriptor_pb2,
+    descriptor_pool,
+    message_factory,
+    text_format,
+    wrappers_pb2,
+)
+
+from simsiam_tf import export
+from tests import export_helpers as eh
+from tests.conftest import REPO
+from tests.helpers import run_python
+
+# TF Serving's message BatchingParameters, field for field, from
+# tensorflow_serving/servables/tensorflow/session_bundle_config.proto (tensorflow/serving at
+# 9d981c5c2708d23c5407c7c1e30309e6f9798874); the wheel of tensorflow-serving-api does not ship
+# that file. (name, number, wrapper type or scalar type, repeated)
+_BATCHING_FIELDS = [
+    ("max_batch_size", 1, "Int64Value"),
+    ("batch_timeout_micros", 2, "Int64Value"),
+    ("max_enqueued_batches", 3, "Int64Value"),
+    ("num_batch_threads", 4, "Int64Value"),
+    ("thread_pool_name", 5, "StringValue"),
+    ("allowed_batch_sizes", 6, "repeated int64"),
+    ("pad_variable_length_inputs", 7, "bool"),
+    ("enable_large_batch_splitting", 8, "BoolValue"),
+    ("max_execution_batch_size", 9, "Int64Value"),
+]
+
+
+def _batching_parameters_class():
+    F = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tensorflow_serving/servables/tensorflow/session_bundle_config.proto",
+        package="tensorflow.serving",
+        dependency=["google/protobuf/wrappers.proto"],
+        syntax="proto3",
+    )
+    message = proto.message_type.add(name="BatchingParameters")
+    for name, number, kind in _BATCHING_FIELDS:
+        field = message.field.add(name=name, number=number, label=F.LABEL_OPTIONAL)
+        if kind == "repeated int64":
+            field.label, field.type = F.LABEL_REPEATED, F.TYPE_INT64
+        elif kind == "bool":
+            field.type = F.TYPE_BOOL
+        else:
+            field.type, field.type_name = F.TYPE_MESSAGE, f".google.protobuf.{kind}"
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(proto)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+    )
+
+
+BatchingParameters = _batching_parameters_class()
+
+
+def _parse(text: str):
+    return text_format.Parse(text, BatchingParameters())
+
+
+def _check_agrees(params, limits: dict):
+    """TF Serving's own rules (batching_session.cc, bundle_factory_util.h) and the limits'."""
+    assert params.enable_large_batch_splitting.value
+    assert not params.pad_variable_length_inputs
+    assert not params.allowed_batch_sizes
+    requests, merged = params.max_batch_size.value, params.max_execution_batch_size.value
+    assert 1 <= merged <= requests <= limits["max_batch"]
+    # Any merged batch: at most `merged` images of at most max_pixels each.
+    assert merged * limits["max_pixels"] <= limits["max_request_pixels"]
+    assert params.num_batch_threads.value >= 1 and params.batch_timeout_micros.value > 0
+
+
+def test_the_message_is_tf_servings():
+    with pytest.raises(text_format.ParseError):
+        _parse("max_batch_size: 4")  # a wrapper, not a plain number
+    with pytest.raises(text_format.ParseError):
+        _parse("max_batch_sizes { value: 4 }")
+    assert _parse("max_execution_batch_size { value: 3 }").max_execution_batch_size.value == 3
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 96, 224, 512])
+@pytest.mark.parametrize("request_images", [1, 4, 10])
+def test_generated_parameters_agree_with_any_limits(size, request_images):
+    max_pixels = export.default_max_pixels(size)
+    limits = export.resolve_limits(size, max_request_pixels=request_images * max_pixels)
+    params = _parse(export.export_batching_text(limits))
+    _check_agrees(params, limits)
+    assert params.max_batch_size.value == limits["max_batch"]
+    assert params.max_execution_batch_size.value == min(limits["max_batch"], request_images)
+
+
+def test_the_shipped_file_is_generated_and_agrees_with_every_recipe():
+    """40 one-photo requests to a 32 px export merged into one batch of up to 64 were refused
+    together (more than max_request_pixels); the 224 px export accepts 4 images at most."""
+    with open(os.path.join(REPO, "serving", "batching_parameters.txt")) as f:
+        shipped = f.read()
+    proc = run_python("tools/batching_parameters.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == shipped
+    params = _parse(shipped)
+    sizes = {32, 224}
+    assert "(32 px)" in shipped and "(224 px)" in shipped
+    for size in sizes:
+        _check_agrees(params, export.resolve_limits(size))
+    assert (params.max_batch_size.value, params.max_execution_batch_size.value) == (4, 4)
+    assert run_python("tools/batching_parameters.py", "--check").returncode == 0
+
+
+def test_an_export_writes_its_limits_and_batching_parameters(tmp_path_factory):
+    version = eh.exported(tmp_path_factory)
+    extra = os.path.join(version, "assets.extra")
+    with open(os.path.join(extra, export.LIMITS_FILE)) as f:
+        limits = json.load(f)
+    with open(os.path.join(extra, export.METADATA_FILE)) as f:
+        metadata = json.load(f)
+    for key in ("max_batch", "max_pixels", "max_request_pixels", "max_aspect_ratio"):
+        assert limits[key] == metadata[key]
+    assert limits["max_batch"] == export.default_max_batch(16) == 256
+    assert limits["images_per_execution"] == 4
+    with open(os.path.join(extra, export.BATCHING_FILE)) as f:
+        params = _parse(f.read())
+    _check_agrees(params, limits)
+    assert params.max_batch_size.value == 256 and params.max_execution_batch_size.value == 4

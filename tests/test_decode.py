@@ -1,0 +1,252 @@
+"""The byte-level rules of simsiam_tf/decode.py: the bounded walks over a JPEG's markers and a
+PNG's chunks, against files built here byte by byte and against PIL's reading of them."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from simsiam_tf import decode
+
+RNG = np.random.default_rng(19)
+PIXELS = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+
+
+def _jpeg(**kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(PIXELS).save(buf, "JPEG", quality=90, **kwargs)
+    return buf.getvalue()
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _after_soi(jpeg: bytes, *segments: bytes) -> bytes:
+    return jpeg[:2] + b"".join(segments) + jpeg[2:]
+
+
+def _walk(encoded, until="end", search=4096, max_steps=decode.MAX_HEADER_STEPS) -> dict:
+    out = decode.jpeg_walk(tf.constant(encoded), until, search=search, max_steps=max_steps)
+    return {k: v.numpy().tolist() for k, v in out.items()}
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png(width, height, depth, colour, raw: bytes, interlace=0, idat_pieces=1, level=9) -> bytes:
+    """A PNG of the given IHDR whose IDAT data is zlib(raw), split into idat_pieces chunks."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    data = zlib.compress(raw, level)
+    step = -(-len(data) // idat_pieces)
+    idats = [_png_chunk(b"IDAT", data[i : i + step]) for i in range(0, len(data), step)]
+    plte = _png_chunk(b"PLTE", bytes(range(256)) * 3) if colour == 3 else b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + plte
+        + b"".join(idats)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _header(png: bytes, max_steps=decode.MAX_HEADER_STEPS) -> dict:
+    out = decode.png_header(tf.constant([png]), max_steps=max_steps)
+    return {k: v.numpy().tolist()[0] for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# JPEG.
+
+
+def test_the_walk_counts_the_scans_libjpeg_reads():
+    baseline, progressive = _jpeg(), _jpeg(progressive=True)
+    restarts = _jpeg(restart_marker_blocks=1)  # an RSTn marker after every MCU of the scan
+    assert sum(restarts.count(bytes([0xFF, 0xD0 + n])) for n in range(8)) == 11  # 12 MCUs
+    walks = _walk([baseline, progressive, restarts])
+    assert walks["scans"] == [1, progressive.count(b"\xff\xda"), 1]
+    assert walks["scans"][1] >= 5  # libjpeg's progressive script
+    assert walks["height"] == [40] * 3 and walks["width"] == [60] * 3
+    assert walks["walked"] == [True] * 3
+
+
+def test_segments_and_fd_da_inside_them_do_not_count_as_scans():
+    """A comment holding 150 FF DA pairs was "JPEG of 151 scans"; 61 comments were "JPEG
+    without a frame header" (the walk gave up after 64 segments)."""
+    base = _jpeg()
+    comment = _segment(0xFE, b"\xff\xda" * 150)
+    many = _after_soi(base, *[_segment(0xFE, b"note %d \xff\xda" % i) for i in range(300)])
+    walks = _walk([_after_soi(base, comment), many])
+    assert walks["scans"] == [1, 1]
+    assert walks["height"] == [40, 40] and walks["width"] == [60, 60]
+    sof = base.index(b"\xff\xc0")
+    assert walks["sof"] == [sof + len(comment), many.index(b"\xff\xc0")]
+    # 300 segments and a scan of 4 KB steps: cut the walk short and it says so.
+    assert _walk([many], max_steps=100)["walked"] == [False]
+    assert _walk([many], max_steps=400)["walked"] == [True]
+
+
+def test_an_icc_profile_in_70_chunks_is_walked_to_its_frame():
+    profile = RNG.integers(0, 256, 65519 * 69 + 100, dtype=np.uint8).tobytes()
+    icc = _jpeg(icc_profile=profile)
+    assert icc.count(b"\xff\xe2") >= 70
+    walk = _walk([icc], search=1 << 16)
+    assert walk["sof"] == [icc.index(b"\xff\xc0\x00\x11")]
+    assert walk["scans"] == [1] and walk["walked"] == [True]
+    assert decode.jpeg_size(tf.constant(icc)).numpy().tolist() == [40, 60]
+
+
+def test_scan_data_is_searched_in_bounded_steps():
+    """The data of a scan is searched `search` bytes a step: a scan of N bytes takes about
+    N / search steps, whatever the bytes (stuffing FF 00 and fill FF FF are not markers)."""
+    base = _jpeg()
+    sos = base.index(b"\xff\xda")
+    body = base[sos : sos + 2 + struct.unpack(">H", base[sos + 2 : sos + 4])[0]]
+    data = (b"\x12\xff\x00" * 4000) + b"\xff\xff"  # 12 KB of stuffed entropy-coded data
+    jpeg = base[:sos] + body + data + b"\xff\xd9"
+    assert _walk([jpeg], search=4096)["walked"] == [True]
+    assert _walk([jpeg], search=4096)["scans"] == [1]
+    steps = len(base[:sos].split(b"\xff")) + 3  # segments, then 12 KB in 4 KB steps
+    assert _walk([jpeg], search=4096, max_steps=steps - 4)["walked"] == [False]
+
+
+def test_a_huge_request_after_the_jpeg_magic_is_walked_in_bounded_memory():
+    """16 MB of junk after FF D8 FF: the walk stops at the first byte that is no marker, having
+    read a few bytes (splitting the file on FF DA made a string per piece: +496 MB)."""
+    junk = b"\xff\xd8\xff\xe0\x00\x10" + b"JFIF\x00" + b"\x00" * (16 << 20)
+    walk = _walk([junk])
+    assert walk == {
+        "exif": [-1],
+        "sof": [-1],
+        "height": [-1],
+        "width": [-1],
+        "scans": [0],
+        "walked": [True],
+    }
+
+
+def test_the_exif_probe_reads_the_leading_segments_only():
+    """16 MB of "Exif\\0\\0" after a photo (not an Exif segment): no orientation, the photo's
+    pixels, and no split of the file."""
+    photo = _jpeg()
+    padded = photo + b"Exif\x00\x00" * ((16 << 20) // 6)
+    np.testing.assert_array_equal(
+        decode.decode_rgb(tf.constant(padded)).numpy(), decode.decode_rgb(photo).numpy()
+    )
+    assert int(decode.jpeg_orientation(tf.constant(padded))) == 1
+
+
+def test_legal_segments_decode_as_the_same_image():
+    base = _jpeg()
+    profile = RNG.integers(0, 256, 65519 * 69 + 100, dtype=np.uint8).tobytes()
+    variants = [
+        _after_soi(base, *[_segment(0xFE, b"c\xff\xda%d" % i) for i in range(61)]),
+        _after_soi(base, _segment(0xEB, b"\xff\xda" * 3000)),  # an APP11 of FF DA pairs
+        _jpeg(icc_profile=profile),
+    ]
+    want = decode.decode_rgb(base).numpy()
+    for jpeg in variants:
+        np.testing.assert_array_equal(decode.decode_rgb(tf.constant(jpeg)).numpy(), want)
+        got = decode.decode_eval(tf.constant(jpeg), 32, 1.0).numpy()
+        np.testing.assert_array_equal(got, decode.decode_eval(base, 32, 1.0).numpy())
+
+
+# ------------------------------------------------------------------------------------------------
+# PNG.
+
+
+# The seven Adam7 passes: first row, row step, first column, column step.
+ADAM7 = [
+    (0, 8, 0, 8),
+    (0, 8, 4, 8),
+    (4, 8, 0, 4),
+    (0, 4, 2, 4),
+    (2, 4, 0, 2),
+    (0, 2, 1, 2),
+    (1, 2, 0, 1),
+]
+
+
+def _adam7_bytes(height, width, bits_per_pixel):
+    total = 0
+    for y0, dy, x0, dx in ADAM7:
+        rows, cols = len(range(y0, height, dy)), len(range(x0, width, dx))
+        if rows and cols:
+            total += rows * (1 + (cols * bits_per_pixel + 7) // 8)
+    return total
+
+
+@pytest.mark.parametrize(
+    "depth,colour,samples",
+    [(1, 0, 1), (2, 0, 1), (4, 3, 1), (8, 3, 1), (16, 0, 1), (8, 2, 3), (16, 4, 2), (16, 6, 4)],
+)
+def test_raw_bytes_of_every_png_kind_plain_and_interlaced(depth, colour, samples):
+    for height, width in [(1, 1), (3, 5), (7, 9), (40, 61)]:
+        bits = samples * depth
+        plain = height * (1 + (width * bits + 7) // 8)
+        got = decode.png_raw_bytes(height, width, depth, colour, 0).numpy()
+        assert got == plain
+        got = decode.png_raw_bytes(height, width, depth, colour, 1).numpy()
+        assert got == _adam7_bytes(height, width, bits)
+    assert decode.png_raw_bytes(4, 4, 3, 0, 0).numpy() == -1  # grey of 3 bits: not PNG
+    assert decode.png_raw_bytes(4, 4, 16, 3, 0).numpy() == -1  # 16-bit palette: not PNG
+    assert decode.png_raw_bytes(4, 4, 8, 2, 2).numpy() == -1  # interlace method 2: none
+
+
+def test_an_interlaced_png_of_random_rows_decodes_within_its_bound():
+    """Adam7 rows of random bytes, stored uncompressed (deflate's worst case): the IDAT
+    bytes are within the bound, and libpng and PIL read the same pixels."""
+    height, width = 13, 11
+    raw = _adam7_bytes(height, width, 24)
+    rows = RNG.integers(0, 256, raw, dtype=np.uint8)
+    stream = bytearray(rows.tobytes())
+    pos = 0  # set every row's filter byte to 0 (None)
+    for y0, dy, x0, dx in ADAM7:
+        rows_, cols = len(range(y0, height, dy)), len(range(x0, width, dx))
+        for _ in range(rows_ if cols else 0):
+            stream[pos] = 0
+            pos += 1 + 3 * cols
+    assert pos == raw
+    png = _png(width, height, 8, 2, bytes(stream), interlace=1, idat_pieces=5, level=0)
+    header = _header(png)
+    assert header["raw_bytes"] == raw
+    assert header["idat_bytes"] == len(zlib.compress(bytes(stream), 0))
+    assert header["idat_bytes"] <= decode.png_data_bound(raw).numpy()
+    np.testing.assert_array_equal(
+        tf.io.decode_png(png, channels=3).numpy(), np.asarray(Image.open(io.BytesIO(png)))
+    )
+
+
+def test_idat_lengths_are_summed_over_the_chunk_list():
+    raw = b"".join(b"\x00" + bytes(RNG.integers(0, 256, 3 * 64, dtype=np.uint8)) for _ in range(64))
+    png = _png(64, 64, 8, 2, raw, idat_pieces=300, level=9)
+    header = _header(png)
+    assert header["idat_bytes"] == len(zlib.compress(raw, 9))
+    assert (header["height"], header["width"], header["walked"]) == (64, 64, True)
+    assert _header(png, max_steps=200)["walked"] is False  # 302 chunks in 200 steps
+
+
+def test_a_png_bomb_exceeds_the_bound_of_its_declared_rows():
+    """A 1x1 PNG whose zlib stream goes on past its one row (libpng inflates it all and
+    accepts the image: +0.5 GB of zeros cost 1.3-1.8 s of CPU) carries more IDAT bytes than
+    one row can need; a legitimate 1x1 PNG, the worst case of 64x64 noise, do not."""
+    bomb = _png(1, 1, 8, 2, b"\x00" * (64 << 20))
+    header = _header(bomb)
+    assert header["raw_bytes"] == 4
+    assert header["idat_bytes"] > decode.png_data_bound(4).numpy()
+    assert decode.png_data_bound(4).numpy() == 4 + 5 + 6 + decode.PNG_DATA_SLACK
+    noise = RNG.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    for png in (_png(1, 1, 8, 2, b"\x00\x01\x02\x03"), _encoded_noise(noise)):
+        header = _header(png)
+        assert header["idat_bytes"] <= decode.png_data_bound(header["raw_bytes"]).numpy()
+
+
+def _encoded_noise(pixels) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=0)
+    return buf.getvalue()
