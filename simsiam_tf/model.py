@@ -75,12 +75,20 @@ class BatchNorm(keras.layers.BatchNormalization):
     With `synchronized=True` the mean and variance are those of the global batch, the variance
     from a second pass over (x - mean) rather than Keras' E[x^2] - E[x]^2, which loses digits
     in float32 when the mean is large against the spread.
+
+    A training-mode step normalises float32 (and float16) input in float64, as torch's CPU
+    BatchNorm accumulates its sums over the batch (the mean and variance, and in the backward
+    the sums of the output gradient and of its product with x - mean) in double. In float32
+    those sums over N x H x W values lose digits: the gradient of a zero-initialised residual
+    gamma, a sum that nearly cancels, came out 20x less accurate than torch's, and ten SGD
+    steps took simsiam_tf's float32 run ~8x further from exact arithmetic than the official
+    float32 run (docs/FIDELITY.md). On a TPU, which has no float64, it stays float32.
     """
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable) or mask is not None or self.renorm:
             return super().call(inputs, training=training, mask=mask)
-        x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        x = tf.cast(inputs, _accumulation_dtype())
         mean, variance, count = self._global_moments(x)
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
         momentum = tf.convert_to_tensor(self.momentum, x.dtype)  # not via float32
@@ -123,6 +131,13 @@ class BatchNorm(keras.layers.BatchNormalization):
             tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(x - mean), axes)
         )
         return mean, variance / count, count
+
+
+def _accumulation_dtype():
+    """float64, the type torch's CPU BatchNorm sums in, except under a TPUStrategy (no float64)."""
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy):
+        return tf.float32
+    return tf.float64
 
 
 def _bn(sync: bool, name: str, zero_gamma: bool = False, affine: bool = True):
