@@ -61,10 +61,12 @@ def png_size(encoded: tf.Tensor, missing: int = 0) -> tf.Tensor:
 
 # Samples per pixel of each PNG colour type (0 grey, 2 RGB, 3 palette, 4 grey+alpha, 6 RGBA).
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-# Deflate's worst case: stored blocks of at most 65535 bytes, 5 bytes of header each, plus the
-# zlib header and checksum (6 bytes); PNG_DATA_SLACK more for encoders that end with an empty
-# block or split their blocks differently.
-_DEFLATE_BLOCK, _DEFLATE_BLOCK_HEADER, _ZLIB_FRAME = 65535, 5, 6
+# zlib's conservative deflateBound (any level, window or memory setting): n + n/8 + n/64 + 5
+# bytes of deflate data for n bytes, plus the zlib header and checksum (6 bytes). It covers
+# stored blocks smaller than deflate's largest (zlib at level 0 writes blocks of about 42 KB:
+# 5 bytes per block more than a 65535-byte split allows, which refused a 12.8 MP noise PNG);
+# PNG_DATA_SLACK more for encoders that flush or end with empty blocks.
+_ZLIB_FRAME = 6
 PNG_DATA_SLACK = 1024
 
 
@@ -105,10 +107,10 @@ def png_raw_bytes(height, width, bit_depth, colour_type, interlace) -> tf.Tensor
 
 
 def png_data_bound(raw_bytes) -> tf.Tensor:
-    """The most compressed (IDAT) bytes a PNG of raw_bytes filtered bytes can need: deflate's
-    worst case, every block stored, plus PNG_DATA_SLACK."""
-    blocks = tf.maximum((raw_bytes + _DEFLATE_BLOCK - 1) // _DEFLATE_BLOCK, 1)
-    return raw_bytes + blocks * _DEFLATE_BLOCK_HEADER + _ZLIB_FRAME + PNG_DATA_SLACK
+    """The most compressed (IDAT) bytes a PNG of raw_bytes filtered bytes can need: zlib's
+    conservative bound of deflated data, plus PNG_DATA_SLACK."""
+    raw = tf.cast(raw_bytes, tf.int64)
+    return raw + (raw + 7) // 8 + (raw + 63) // 64 + 5 + _ZLIB_FRAME + PNG_DATA_SLACK
 
 
 def _all_true(active, like):
