@@ -90,6 +90,7 @@ def _decoded(stdout):
     return int(next(line for line in stdout.splitlines() if line.startswith("decoded")).split()[1])
 
 
+@pytest.mark.slow  # the folder test below covers per-worker input and lockstep by default
 def test_two_workers_match_each_other_and_a_single_process(tmp_path):
     _assert_lockstep_and_equal_to_one_process(_run_workers(tmp_path, []))
 

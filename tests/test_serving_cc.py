@@ -185,6 +185,9 @@ def served(serving_check, saved_model, input_specs):
     key, _ = input_specs["serving_default"]
     requests["no signature name"] = cc.predict_request("", {key: default})
     for i, request in enumerate(_warmup_requests(saved_model)):
+        # TF Serving replays warm-up records on the servable itself, whatever their model name;
+        # sent as a request, a record needs the served model's name like any other request.
+        request.model_spec.name = request.model_spec.name or "simsiam"
         requests[f"warm-up request {i}"] = request.SerializeToString()
     for name, (signature, value, _) in HOSTILE.items():
         requests[f"hostile/{name}"] = _request(input_specs, signature, value)

@@ -260,6 +260,7 @@ def test_a_glob_of_records_without_manifest_counts_what_is_readable(damaged_reco
 # the evaluation tools.
 
 
+@pytest.mark.slow  # four tool processes, about 2 minutes: make test-slow
 def test_records_of_a_train_and_val_folder_train_with_knn_then_evaluate(cifar10_folder, tmp_path):
     from tests.helpers import run_python
 
