@@ -75,3 +75,47 @@ def test_a_step_runs_with_a_finite_float32_loss(precision, jit, photometric):
         assert net.backbone.get_layer("conv1").kernel.dtype == "float32"  # master weights
     if precision == "mixed_float16":
         assert isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def test_synchronized_simsiam_batchnorm_step_is_the_global_batch_step(two_replicas):
+    """model.BatchNorm(synchronized=True) on 2 replicas, each with half of a batch whose halves
+    differ: outputs, input gradients and moving statistics are those of one BN over the whole
+    batch, and gamma's and beta's gradients, added over the replicas as the optimiser adds
+    them, are the whole batch's (float64, to 1e-12)."""
+    from simsiam_tf import model
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (4, 3, 3, 5)), rng.normal(5, 3, (4, 3, 3, 5))])
+    dy = rng.normal(0, 1, x.shape)
+    gamma = rng.uniform(0.5, 1.5, 5)
+
+    def layer(synchronized):
+        bn = model.BatchNorm(synchronized=synchronized, momentum=0.5, epsilon=1e-5, dtype="float64")
+        bn.build((None, 3, 3, 5))
+        bn.gamma.assign(gamma)
+        return bn
+
+    def step(bn, x, dy):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = bn(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        return (y, *tape.gradient(loss, [x, bn.gamma, bn.beta]))
+
+    want_bn = layer(False)
+    want = [t.numpy() for t in step(want_bn, tf.constant(x), tf.constant(dy))]
+    with two_replicas.scope():
+        bn = layer(True)
+    dist = two_replicas.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors((x, dy)).unbatch().batch(8)
+    )
+    out = two_replicas.run(lambda b: step(bn, *b), args=(next(iter(dist)),))
+    parts = [[t.numpy() for t in two_replicas.experimental_local_results(o)] for o in out]
+    np.testing.assert_allclose(np.concatenate(parts[0]), want[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate(parts[1]), want[1], rtol=1e-12, atol=1e-12)
+    for got, expected in zip(parts[2:], want[2:]):
+        np.testing.assert_allclose(sum(got), expected, rtol=1e-12, atol=1e-12)
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(
+            getattr(bn, name).numpy(), getattr(want_bn, name).numpy(), rtol=1e-12
+        )
