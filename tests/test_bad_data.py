@@ -220,6 +220,7 @@ def test_train_and_eval_tools_on_the_messy_folder(messy_folder, tmp_path):
         assert "error:" in refused.stderr and "cannot be decoded" in refused.stderr
 
 
+@pytest.mark.slow  # two training processes; the eval-tools test above trains on the same folder
 def test_train_tool_on_the_messy_folder(messy_folder, tmp_path):
     common = [
         sys.executable,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, write_images
 
 TOOL = os.path.join(REPO, "tools", "benchmark.py")
@@ -19,6 +21,7 @@ def _last_line_fields(args):
     return dict(item.split("=", 1) for item in last.split())
 
 
+@pytest.mark.slow  # two benchmark processes: make test-slow
 def test_pipeline_mode_cpu_and_device(tmp_path):
     write_images(tmp_path, 16, size=(64, 48), ext=".jpg")
     for photometric in ("cpu", "device"):

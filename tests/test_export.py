@@ -579,7 +579,9 @@ def test_thin_and_tall_images_are_refused_beyond_the_aspect_bound(sized, size, t
         _refused(result, r"images\[0\]: image of \d+ x \d+ pixels " + aspect)
 
 
-@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize(
+    "size", [32, pytest.param(224, marks=pytest.mark.slow)]  # 224: make test-slow
+)
 def test_elongated_images_within_the_bound_cost_what_is_served(sized, size, tmp_path):
     """16:1 at the largest accepted size: the resize allocates output height x input width, so
     the bound keeps it at image_size x sqrt(16 max_pixels) floats."""
@@ -597,7 +599,9 @@ def test_elongated_images_within_the_bound_cost_what_is_served(sized, size, tmp_
     _served(tall, {32: 40, 224: 160}[size])
 
 
-@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize(
+    "size", [32, pytest.param(224, marks=pytest.mark.slow)]  # 224: make test-slow
+)
 def test_declared_sizes_below_the_limit_cost_a_bounded_amount(sized, size, tmp_path):
     """Small files whose headers declare the largest accepted image (libjpeg decodes the
     missing rows as flat grey): served within a bound; one pixel more, refused; a request

@@ -305,6 +305,7 @@ def test_the_monitor_scores_a_capped_stratified_bank(tmp_path):
 # The command line
 
 
+@pytest.mark.slow  # a training process: make test-slow; holdout tests cover the split
 def test_max_examples_trains_on_that_many_images(tmp_path):
     for c in ("a", "b"):
         write_images(str(tmp_path / "f" / c), 20, seed=len(c))

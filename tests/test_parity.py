@@ -57,6 +57,7 @@ def _parity(tmp_path, *flags):
     return {k: float(values[k]) for k in groups}
 
 
+@pytest.mark.slow  # make parity, which CI runs, runs every case of it
 def test_resnet18_cifar_float64_steps_are_the_official_computation(tmp_path):
     """Both sides in float64 (every path live): every tensor within 1e-10 of the official
     code's, forward, gradients, and weights, BN statistics and momentum after the steps."""
@@ -64,6 +65,7 @@ def test_resnet18_cifar_float64_steps_are_the_official_computation(tmp_path):
     assert max(errors.values()) < 1e-10, errors
 
 
+@pytest.mark.slow  # make parity, which CI runs, runs every case of it
 def test_resnet18_cifar_float32_first_step_matches(tmp_path):
     errors = _parity(tmp_path, "--checks=resnet18_cifar", "--float64_checks=")
     assert max(errors[g] for g in ("feat", "z", "p", "loss")) <= 1e-5, errors
