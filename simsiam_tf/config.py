@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
         momentum=0.9,
         epochs=800,
         warmup_epochs=0.0,
+        # "per_step": cosine evaluated every step (warm-up allowed); "per_epoch": main_simsiam.py's
+        # adjust_learning_rate, the lr set once per epoch (no warm-up), as the paper recipes
+        lr_schedule="per_step",
         fix_pred_lr=False,
     )
 

@@ -28,9 +28,10 @@ def _const(value: float, dtype) -> tf.Tensor:
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`.
 
-    Evaluated per step; the official code steps the cosine once per epoch. The two curves are at
-    most pi / (2 x epochs) of the peak apart and the per-step one sums to about 1 / epochs less
-    (ImageNet recipe: 1.57% and 0.99%; docs/FIDELITY.md, tools/measure_departures.py).
+    Evaluated per step (`optim.lr_schedule="per_step"`); the official code sets the cosine once
+    per epoch (`EpochCosine`, "per_epoch"). The two curves are at most pi / (2 x epochs) of the
+    peak apart and the per-step one sums to about 1 / epochs less (ImageNet recipe: 1.57% and
+    0.99%; docs/FIDELITY.md, tools/measure_departures.py).
     """
 
     def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0):
@@ -58,6 +59,43 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         return dict(
             peak_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps
         )
+
+
+@keras.saving.register_keras_serializable("simsiam_tf")
+class EpochCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """main_simsiam.py's `adjust_learning_rate`: the lr is set once per epoch, at its start,
+
+        cur_lr = init_lr * 0.5 * (1. + math.cos(math.pi * epoch / epochs))
+
+    with epoch = step // steps_per_epoch (held at the last epoch past the end). The per-epoch
+    values are computed by that Python expression and looked up, so they are the official
+    floats to the bit; a function of the step, so a resume mid-epoch continues exactly.
+    """
+
+    def __init__(self, peak_lr: float, epochs: int, steps_per_epoch: int):
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        self.peak_lr = float(peak_lr)
+        self.epochs = int(epochs)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.per_epoch = [
+            self.peak_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+            for epoch in range(self.epochs)
+        ]
+
+    def __call__(self, step):
+        epoch = tf.minimum(tf.cast(step, tf.int64) // self.steps_per_epoch, self.epochs - 1)
+        lr = tf.gather(tf.constant(self.per_epoch, tf.float64), epoch)
+        return tf.cast(lr, keras.config.floatx())  # one rounding, as WarmupCosine
+
+    def get_config(self):
+        return dict(peak_lr=self.peak_lr, epochs=self.epochs, steps_per_epoch=self.steps_per_epoch)
+
+
+# `optim.lr_schedule`: "per_step" (WarmupCosine) or "per_epoch" (EpochCosine, the official rule).
+LR_SCHEDULES = ("per_step", "per_epoch")
 
 
 @keras.saving.register_keras_serializable("simsiam_tf")
@@ -146,11 +184,22 @@ def build_optimizer(optim_config, global_batch: int, steps_per_epoch: int, predi
     """The optimizer of the `optim` section of a config, with the scaled, scheduled lr."""
     c = optim_config
     peak = scaled_lr(c.base_lr, global_batch)
-    schedule = WarmupCosine(
-        peak,
-        total_steps=c.epochs * steps_per_epoch,
-        warmup_steps=int(c.warmup_epochs * steps_per_epoch),
-    )
+    kind = c.get("lr_schedule", "per_step")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"optim.lr_schedule={kind!r} is not known; choose one of {LR_SCHEDULES}")
+    if kind == "per_epoch":
+        if c.warmup_epochs:
+            raise ValueError(
+                f"optim.warmup_epochs={c.warmup_epochs} with optim.lr_schedule='per_epoch': the "
+                "official per-epoch rule has no warm-up; set warmup_epochs=0 or use 'per_step'"
+            )
+        schedule = EpochCosine(peak, c.epochs, steps_per_epoch)
+    else:
+        schedule = WarmupCosine(
+            peak,
+            total_steps=c.epochs * steps_per_epoch,
+            warmup_steps=int(c.warmup_epochs * steps_per_epoch),
+        )
     opt = TorchSGD(
         learning_rate=schedule,
         momentum=c.momentum,

@@ -92,3 +92,42 @@ def test_fix_pred_lr_keeps_predictor_at_initial_lr_while_encoder_decays():
         g = 1.0 + c.optim.weight_decay * b
         step = peak if is_fixed else lr_t
         np.testing.assert_allclose(b - v.numpy(), step * g, rtol=1e-4)
+
+
+def _adjust_learning_rate(init_lr, epoch, epochs):
+    """main_simsiam.py's adjust_learning_rate, as written there."""
+    return init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def test_per_epoch_schedule_is_adjust_learning_rate_to_the_bit():
+    """lr constant over each epoch's steps, the official float of that epoch rounded once;
+    held at the last epoch's value past the end."""
+    s = optim.EpochCosine(0.1, epochs=7, steps_per_epoch=3)
+    got = s(tf.range(23)).numpy()
+    want = [_adjust_learning_rate(0.1, min(t // 3, 6), 7) for t in range(23)]
+    np.testing.assert_array_equal(got, np.float32(want))
+    assert got[0] == np.float32(0.1) and got[2] == got[0] and got[3] < got[2]
+    keras.config.set_floatx("float64")
+    try:
+        np.testing.assert_array_equal(s(tf.range(23)).numpy(), want)
+    finally:
+        keras.config.set_floatx("float32")
+    # A resumed run rebuilds the schedule from its config: the same value at every step.
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(s))
+    np.testing.assert_array_equal(again(tf.range(23)).numpy(), got)
+
+
+def test_build_optimizer_per_epoch_schedule_and_its_checks():
+    c = default_config().optim
+    c.lr_schedule, c.epochs, c.fix_pred_lr = "per_epoch", 5, True
+    opt = optim.build_optimizer(c, 512, 4)
+    assert isinstance(opt._learning_rate, optim.EpochCosine)
+    assert opt.fixed_lr == optim.scaled_lr(c.base_lr, 512) == 0.06
+    lrs = [float(opt._learning_rate(t)) for t in range(20)]
+    assert lrs == [float(np.float32(_adjust_learning_rate(0.06, t // 4, 5))) for t in range(20)]
+    c.warmup_epochs = 1.0
+    with pytest.raises(ValueError, match="warmup_epochs=1.0 with optim.lr_schedule='per_epoch'"):
+        optim.build_optimizer(c, 512, 4)
+    c.warmup_epochs, c.lr_schedule = 0.0, "per_day"
+    with pytest.raises(ValueError, match="optim.lr_schedule='per_day' is not known"):
+        optim.build_optimizer(c, 512, 4)
