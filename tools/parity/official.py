@@ -6,10 +6,10 @@ harness only: training, evaluation and serving never import torch.
                          bias frozen, BN(affine=False); the predictor Linear(no bias), BN, ReLU,
                          Linear.
     main_simsiam.py      loss -(cos(p1, z2).mean() + cos(p2, z1).mean()) / 2 with z detached;
-                         SGD(momentum, weight_decay) over two parameter groups, the predictor's
-                         with `fix_lr` (--fix-pred-lr); lr = init_lr * 0.5 * (1 + cos(pi * t / T))
-                         (the official t is the epoch; the harness steps it per step, as
-                         simsiam_tf does, so that the lr changes every step).
+                         init_lr = lr * batch / 256; SGD(momentum, weight_decay) over one
+                         parameter group, or with --fix-pred-lr two, the predictor's with
+                         `fix_lr`; adjust_learning_rate once per epoch,
+                         lr = init_lr * 0.5 * (1 + cos(pi * epoch / epochs)).
 
 The CIFAR ResNet-18 (paper appendix D) is torchvision's resnet18 with a 3x3 stride-1 conv1 and
 no max-pool. The official builder always has 3 projector layers of width prev_dim; L and the
@@ -69,13 +69,6 @@ class SimSiam(nn.Module):
             nn.Linear(pred_dim, dim),
         )
 
-    def features(self, x):
-        """The pooled backbone features, NxC (the encoder up to its `fc`)."""
-        e = self.encoder
-        x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
-        x = e.layer4(e.layer3(e.layer2(e.layer1(x))))
-        return torch.flatten(e.avgpool(x), 1)
-
     def forward(self, x1, x2):
         z1 = self.encoder(x1)  # NxC
         z2 = self.encoder(x2)  # NxC
@@ -84,23 +77,39 @@ class SimSiam(nn.Module):
         return p1, p2, z1.detach(), z2.detach()
 
 
+def features(model: nn.Module, x):
+    """The pooled backbone features of a SimSiam (this one or builder.py's), NxC: the encoder
+    up to its `fc`."""
+    e = model.encoder
+    x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
+    x = e.layer4(e.layer3(e.layer2(e.layer1(x))))
+    return torch.flatten(e.avgpool(x), 1)
+
+
 def loss_fn(p1, p2, z1, z2):
     criterion = nn.CosineSimilarity(dim=1)
     return -(criterion(p1, z2).mean() + criterion(p2, z1).mean()) * 0.5
 
 
-def make_optimizer(model: SimSiam, init_lr: float, momentum: float, weight_decay: float):
-    """main_simsiam.py's optimizer with --fix-pred-lr."""
-    optim_params = [
-        {"params": model.encoder.parameters(), "fix_lr": False},
-        {"params": model.predictor.parameters(), "fix_lr": True},
-    ]
+def make_optimizer(
+    model: nn.Module, init_lr: float, momentum: float, weight_decay: float, fix_pred_lr: bool
+):
+    """main_simsiam.py's optimizer: with --fix-pred-lr two groups, the predictor's with
+    `fix_lr`; without, one group of every parameter (the frozen bias has no gradient, so SGD
+    skips it)."""
+    if fix_pred_lr:
+        optim_params = [
+            {"params": model.encoder.parameters(), "fix_lr": False},
+            {"params": model.predictor.parameters(), "fix_lr": True},
+        ]
+    else:
+        optim_params = model.parameters()
     return torch.optim.SGD(optim_params, init_lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def adjust_learning_rate(optimizer, init_lr: float, t: float, total: float) -> None:
-    """main_simsiam.py's rule; t / total is the progress (epochs there, steps here)."""
-    cur_lr = init_lr * 0.5 * (1.0 + math.cos(math.pi * t / total))
+def adjust_learning_rate(optimizer, init_lr: float, epoch: int, args) -> None:
+    """main_simsiam.py's rule, called at the start of every epoch."""
+    cur_lr = init_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
     for param_group in optimizer.param_groups:
         if "fix_lr" in param_group and param_group["fix_lr"]:
             param_group["lr"] = init_lr

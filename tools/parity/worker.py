@@ -16,7 +16,10 @@ keys prefixed `f64`: how far the official code's own float32 run is from exact a
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
+import io
 import json
 import sys
 
@@ -36,35 +39,79 @@ def to_input(views: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+class Sources:
+    """Where the official functions come from: tools/parity/official.py's transcription, or,
+    with meta["official_repo"], a local checkout of facebookresearch/simsiam, imported at run
+    time (nothing of it is copied into this repository): its simsiam/builder.py builds the model
+    of the cases in builder.py's layout (3 projector layers of the backbone's width) around the
+    torchvision ResNet, and its main_simsiam.py gives adjust_learning_rate and the epoch loop
+    `train`. The param groups are main_worker's inline code, transcribed in official.py."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        self.builder = self.main = None
+        if meta.get("official_repo"):
+            sys.path.insert(0, meta["official_repo"])
+            import main_simsiam
+            import simsiam.builder
+
+            self.builder, self.main = simsiam.builder, main_simsiam
+        self.args = argparse.Namespace(epochs=meta["epochs"], gpu=None, print_freq=10**9)
+
+    def uses_builder(self) -> bool:
+        """builder.py's layout: 3 projector layers of the backbone's width (prev_dim)."""
+        m = self.meta
+        prev_dim = 2048 if m["arch"] == "resnet50" else 512
+        builder_layout = m["proj_layers"] == 3 and m["proj_hidden"] == prev_dim
+        return self.builder is not None and builder_layout
+
+    def model(self, dtype) -> torch.nn.Module:
+        m = self.meta
+        if self.uses_builder():
+            # builder.py calls base_encoder(num_classes=dim, zero_init_residual=True); the CIFAR
+            # ResNet-18 is torchvision's with the CIFAR stem (official.resnet).
+            def base_encoder(num_classes, zero_init_residual):
+                assert zero_init_residual
+                return official.resnet(m["arch"], num_classes)
+
+            net = self.builder.SimSiam(base_encoder, m["dim"], m["pred_dim"])
+        else:
+            net = official.SimSiam(
+                m["arch"], m["dim"], m["pred_dim"], m["proj_layers"], m["proj_hidden"]
+            )
+        return net.to(dtype)
+
+    def adjust_learning_rate(self, optimizer, init_lr, epoch) -> None:
+        source = self.main or official
+        source.adjust_learning_rate(optimizer, init_lr, epoch, self.args)
+
+
 def main(request_path: str, result_path: str) -> None:
     torch.manual_seed(0)
     req = np.load(request_path)
     meta = json.loads(str(req["meta"]))
-    model = official.SimSiam(
-        meta["arch"], meta["dim"], meta["pred_dim"], meta["proj_layers"], meta["proj_hidden"]
-    )
-    state = {k[3:]: torch.from_numpy(np.array(req[k])) for k in req.files if k.startswith("sd/")}
+    sources = Sources(meta)
     dtype = getattr(torch, meta.get("dtype", "float32"))
-    model.to(dtype)
+    model = sources.model(dtype)
+    state = {k[3:]: torch.from_numpy(np.array(req[k])) for k in req.files if k.startswith("sd/")}
     model.load_state_dict(state, strict=True)
     model.train()
     state = copy.deepcopy(model.state_dict())
     views1 = np.load(meta["view1"], mmap_mode="r")
     views2 = np.load(meta["view2"], mmap_mode="r")
     out = probe(model, state, views1[0], views2[0], dtype) if meta["probe"] else {}
-    out.update(train(model, meta, views1, views2, dtype))
+    out.update(train(model, sources, views1, views2, dtype))
     if meta.get("floor"):
         # The official code against itself: the same steps in float64 from the same weights.
-        reference = official.SimSiam(
-            meta["arch"], meta["dim"], meta["pred_dim"], meta["proj_layers"], meta["proj_hidden"]
-        ).to(torch.float64)
+        reference = sources.model(torch.float64)
         reference.load_state_dict(state, strict=True)
         reference.train()
         floor = (
             probe(reference, state, views1[0], views2[0], torch.float64) if meta["probe"] else {}
         )
-        floor.update(train(reference, meta, views1, views2, torch.float64))
+        floor.update(train(reference, sources, views1, views2, torch.float64))
         out.update({f"f64{key}": value for key, value in floor.items()})
+    out["official_builder"] = np.array(sources.uses_builder())
     np.savez(result_path, **out)
 
 
@@ -73,7 +120,7 @@ def probe(model, state, views1, views2, dtype) -> dict:
     out = {}
     x1, x2 = to_input(views1).to(dtype), to_input(views2).to(dtype)
     with torch.no_grad():
-        f1, f2 = model.features(x1), model.features(x2)
+        f1, f2 = official.features(model, x1), official.features(model, x2)
         z1, z2 = model.encoder.fc(f1), model.encoder.fc(f2)
         p1, p2 = model.predictor(z1), model.predictor(z2)
         loss = official.loss_fn(p1, p2, z1, z2)
@@ -90,17 +137,30 @@ def probe(model, state, views1, views2, dtype) -> dict:
     return out
 
 
-def train(model, meta, views1, views2, dtype) -> dict:
-    """meta["steps"] steps of main_simsiam.py; the state_dict, momentum buffers, losses and z
-    stds after them."""
-    optimizer = official.make_optimizer(model, meta["init_lr"], meta["momentum"], meta["wd"])
+def train(model, sources, views1, views2, dtype) -> dict:
+    """meta["steps"] steps of main_simsiam.py (init_lr = lr x batch / 256; the param groups of
+    the --fix-pred-lr given; adjust_learning_rate at the start of every epoch of
+    meta["steps_per_epoch"] steps); the state_dict, momentum buffers, losses and z stds after
+    them."""
+    meta = sources.meta
+    init_lr = meta["base_lr"] * meta["batch_size"] / 256
+    optimizer = official.make_optimizer(
+        model, init_lr, meta["momentum"], meta["wd"], meta["fix_pred_lr"]
+    )
     losses, z_stds = [], []
-    for t in range(meta["steps"]):
-        official.adjust_learning_rate(optimizer, meta["init_lr"], t, meta["total_steps"])
-        x1, x2 = to_input(views1[t]).to(dtype), to_input(views2[t]).to(dtype)
-        loss, z_std = official.train_step(model, optimizer, x1, x2, monitor=True)
-        losses.append(loss)
-        z_stds.append(z_std)
+    steps, per_epoch = meta["steps"], meta["steps_per_epoch"]
+    for epoch in range(-(-steps // per_epoch)):
+        sources.adjust_learning_rate(optimizer, init_lr, epoch)
+        batches = range(epoch * per_epoch, min((epoch + 1) * per_epoch, steps))
+        inputs = [(to_input(views1[t]).to(dtype), to_input(views2[t]).to(dtype)) for t in batches]
+        if sources.main is not None:
+            losses += official_epoch(sources, model, optimizer, inputs, epoch)
+            z_stds += [float("nan")] * len(inputs)
+            continue
+        for x1, x2 in inputs:
+            loss, z_std = official.train_step(model, optimizer, x1, x2, monitor=True)
+            losses.append(loss)
+            z_stds.append(z_std)
     out = {f"final/{name}": value.numpy() for name, value in model.state_dict().items()}
     for name, param in model.named_parameters():
         buffers = optimizer.state.get(param, {})
@@ -109,6 +169,19 @@ def train(model, meta, views1, views2, dtype) -> dict:
     out["losses"] = np.array(losses)
     out["z_std"] = np.array(z_stds)
     return out
+
+
+def official_epoch(sources, model, optimizer, inputs, epoch) -> list:
+    """One epoch of the checkout's main_simsiam.train over the given view pairs; the loss of
+    each step, recomputed from the outputs the model returned (train() logs, not returns, it)."""
+    outputs = []
+    handle = model.register_forward_hook(lambda m, i, out: outputs.append(out))
+    criterion = torch.nn.CosineSimilarity(dim=1)
+    loader = [([x1, x2], None) for x1, x2 in inputs]
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        sources.main.train(loader, model, criterion, optimizer, epoch, sources.args)
+    handle.remove()
+    return [float(official.loss_fn(*(t.detach() for t in out))) for out in outputs]
 
 
 if __name__ == "__main__":
