@@ -25,8 +25,10 @@ count, and train.py resumes at epoch = step // steps_per_epoch. So the import se
 (the checkpoint's completed epochs) x (the steps of one epoch of the run that will continue),
 and carries over the SGD momentum buffers (optim.TorchSGD has torch's buffer); the cosine
 schedule then resumes at the learning rate the official run would use for its next epoch (per
-step instead of per epoch, the project's stated departure). With steps_per_epoch = 0 the step is
-0: train.py would pretrain from epoch 0 starting at these weights. A linear_eval checkpoint has
+step or per epoch as `optim.lr_schedule` says). A checkpoint whose `optimizer` is empty or
+missing imports the weights alone; the momentum buffers then start at zero. With
+steps_per_epoch = 0 the step is 0, which is all evaluation and export need: train.py would
+pretrain from epoch 0 starting at these weights. A linear_eval checkpoint has
 no projector, predictor or pretraining state: those start at this seed's initialisation, at
 step 0.
 """
@@ -99,8 +101,11 @@ def parse(raw: Mapping) -> OfficialCheckpoint:
         )
     epoch = raw.get("epoch") if "state_dict" in raw else None
     momentum = {}
-    if layout == PRETRAINING and isinstance(raw.get("optimizer"), Mapping):
-        momentum = _momentum_buffers(state_dict, raw["optimizer"])
+    optimizer = raw.get("optimizer") if "state_dict" in raw else None
+    # An empty or missing `optimizer` (stripped before sharing the weights) imports the weights
+    # alone: the momentum buffers then start at zero.
+    if layout == PRETRAINING and isinstance(optimizer, Mapping) and optimizer:
+        momentum = _momentum_buffers(state_dict, optimizer)
     return OfficialCheckpoint(
         layout=layout,
         state_dict=state_dict,
@@ -180,6 +185,12 @@ def write_run(
     config_lib.validate(config)
     continuing = ckpt.layout == PRETRAINING and steps_per_epoch > 0 and ckpt.epoch is not None
     step = ckpt.epoch * steps_per_epoch if continuing else 0
+    if ckpt.layout == PRETRAINING and not ckpt.momentum:
+        logging.warning(
+            "%s has no SGD state (`optimizer` empty or missing): the weights are imported and "
+            "the momentum buffers start at zero",
+            origin,
+        )
 
     import keras
 

@@ -3,7 +3,8 @@
 Run in its own process (torchvision imported after TensorFlow crashes the interpreter):
 
   python tests/official_torch.py make --out=C.pth.tar --layout=pretraining --arch=resnet18 \
-      [--epoch=3 --dim=128 --pred_dim=32 --proj_layers=3 --cifar --seed=0]
+      [--epoch=3 --dim=128 --pred_dim=32 --proj_layers=3 --cifar --seed=0 \
+       --optimizer=full|empty|missing]
   python tests/official_torch.py embed --out=C.pth.tar ...same model flags... \
       --pixels=X.npy --result=Y.npz
 
@@ -105,12 +106,9 @@ def make(args):
     optimizer.step()
     randomise(net, args.seed + 1)
     state = {f"module.{k}": v for k, v in net.state_dict().items()}
-    checkpoint = {
-        "epoch": args.epoch,
-        "arch": args.arch,
-        "state_dict": state,
-        "optimizer": optimizer.state_dict(),
-    }
+    checkpoint = {"epoch": args.epoch, "arch": args.arch, "state_dict": state}
+    if args.optimizer != "missing":  # stripped before sharing: `{}` or no key at all
+        checkpoint["optimizer"] = optimizer.state_dict() if args.optimizer == "full" else {}
     torch.save(checkpoint, args.out)
     buffers = {p: optimizer.state[p]["momentum_buffer"] for p in optimizer.state}
     np.savez(
@@ -153,6 +151,7 @@ def main():
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--cifar", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=("full", "empty", "missing"), default="full")
     parser.add_argument("--pixels")
     parser.add_argument("--result")
     args = parser.parse_args()

@@ -161,6 +161,34 @@ def test_resnet18_pretraining_checkpoint_served_equals_torch(tmp_path):
     assert "knn_top1=" in out
 
 
+@pytest.mark.parametrize("optimizer", ["empty", "missing"])
+def test_weights_without_optimizer_or_data_import_for_serving(tmp_path, optimizer):
+    """A checkpoint whose `optimizer` is `{}` or absent, and a config whose data is not at hand:
+    the import needs neither. The weights come in at step 0 with zero momentum, each said in one
+    line, and the served embedding of real photos is torch's."""
+    official = Official(
+        tmp_path / "checkpoint_0099.pth.tar",
+        arch="resnet18",
+        epoch=100,
+        dim=128,
+        pred_dim=32,
+        optimizer=optimizer,
+    )
+    workdir = tmp_path / "run"
+    # The recipe's TFDS imagenet2012, which is not prepared here (and not downloadable).
+    no_data = [
+        f"--config.data.tfds_data_dir={tmp_path / 'tfds'}",
+        "--config.data.tfds_download=false",
+    ]
+    proc = _import(official.path, workdir, "configs/imagenet_resnet50.py", *R18, *no_data)
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (info["step"], info["steps_per_epoch"], info["momentum_buffers"]) == (0, 0, 0)
+    assert "the momentum buffers start at zero" in proc.stderr
+    assert "cannot be read" in proc.stderr and "--steps_per_epoch=N" in proc.stderr
+    embedding, pixels = _served(_export(workdir, tmp_path, "--projection"), SIZE, 0.875)
+    assert _relative_l2(embedding, official.outputs(pixels)["embedding"]) <= 1e-4
+
+
 def test_cifar_resnet18_continues_pretraining(tmp_path):
     """The CIFAR recipe (resnet18_cifar, 2-layer projector): train.py resumes after the
     checkpoint's epochs, at the step the import set, from the imported weights."""
@@ -215,7 +243,7 @@ def test_linear_eval_checkpoint(tmp_path):
     assert info["layout"] == "linear_eval" and info["step"] == 0
     head = np.load(workdir / "classifier.npz")
     np.testing.assert_array_equal(head["kernel"], official.ref["fc_weight"].T)
-    embedding, pixels = _served(_export(workdir, tmp_path), SIZE, 0.875)
+    embedding, pixels = _served(_export(workdir, tmp_path, "--projection"), SIZE, 0.875)
     assert _relative_l2(embedding, official.outputs(pixels)["embedding"]) <= 1e-4
 
 

@@ -13,8 +13,14 @@ naming the first tensor that differs.
 --steps_per_epoch: the steps of one epoch of the run that would continue pretraining from the
 checkpoint; the run's step is then epoch x steps_per_epoch, so train.py resumes after the
 checkpoint's epochs, at the same point of the cosine schedule. Default: counted from the
-config's data source (ImageNet train at batch 512: 1281167 // 512 = 2502). 0: step 0 (for
-evaluation and export; train.py would pretrain from epoch 0 starting at these weights).
+config's data source (ImageNet train at batch 512: 1281167 // 512 = 2502); when that data is
+not at hand, 0. 0: step 0, all that evaluation and export need (train.py would pretrain from
+epoch 0 starting at these weights). A checkpoint whose `optimizer` is empty or missing imports
+the weights alone, the momentum buffers at zero. Official weights into TF Serving:
+
+  python tools/import_torch.py --checkpoint=C.pth.tar --config=configs/imagenet_resnet50.py \
+      --workdir=runs/official_r50
+  python tools/export.py --workdir=runs/official_r50 --export_dir=exports/official_r50
 
 Needs torch (requirements-parity.txt); training, evaluation and serving never import it.
 """
@@ -90,19 +96,19 @@ def main(argv):
             len(ckpt.momentum),
         )
         if steps < 0:
+            steps = 0
             if ckpt.layout == torch_import.PRETRAINING and ckpt.epoch:
                 try:
                     steps = torch_import.count_steps_per_epoch(config)
                 except Exception as err:  # noqa: BLE001 - any failure to read the data
-                    raise ValueError(
-                        f"cannot count the training steps per epoch of "
-                        f"config.data.source={config.data.source!r} ({err}); pass "
+                    logging.warning(
+                        "config.data.source=%r cannot be read (%s): imported at step 0, for "
+                        "evaluation and export; to continue pretraining, import again with "
                         "--steps_per_epoch=N, the steps of one epoch of the run that will "
-                        "continue (ImageNet at batch 512: 2502), or --steps_per_epoch=0 to "
-                        "import for evaluation and export only"
-                    ) from err
-            else:
-                steps = 0
+                        "continue (ImageNet at batch 512: 2502)",
+                        config.data.source,
+                        err,
+                    )
         info = torch_import.write_run(ckpt, config, _WORKDIR.value, steps, origin=_CHECKPOINT.value)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         sys.exit(f"error: {err}")
