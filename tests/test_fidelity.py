@@ -139,3 +139,83 @@ def test_blur_and_resize_depart_from_pil_as_stated():
         assert row["interior_max"] <= 5 and row["batched_vs_planar_max"] <= 1, row
     for row in m.measure_resize(photos, 24, seed=0):
         assert row["max"] <= 1, row
+
+
+def _recipe(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_recipe_length_and_schedule_are_main_simsiam():
+    """100 epochs for ImageNet (Table 4's 100-epoch entry), 800 for CIFAR (appendix D); the lr
+    set once per epoch without warm-up, as adjust_learning_rate."""
+    for name, epochs in (("imagenet_resnet50", 100), ("cifar10_resnet18", 800)):
+        c = _recipe(name)
+        assert (c.optim.epochs, c.optim.warmup_epochs, c.optim.lr_schedule) == (
+            epochs,
+            0.0,
+            "per_epoch",
+        ), name
+
+
+def test_every_epoch_is_a_new_full_permutation():
+    """In-memory sources: each epoch's batches hold every example once (the remainder dropped),
+    in an order of its own: main_simsiam.py's DistributedSampler with set_epoch."""
+    from simsiam_tf import data
+
+    n, batch = 96, 16  # image i is filled with the grey level i: its thumbnail names it
+    images = np.repeat(np.arange(n, dtype=np.uint8), 8 * 8 * 3).reshape(n, 8, 8, 3)
+    src = data.Source("ids", n, 0, np.full(n, -1), images=images)
+    c = default_config()
+    c.data.image_size = 8
+    ds = data.pretrain_dataset(src, c.data, c.aug, batch, seed=3, num_epochs=3, with_images=True)
+    ids = np.concatenate([b["image"].numpy()[:, 4, 4, 0] for b in ds]).reshape(3, n)
+    for order in ids:
+        np.testing.assert_array_equal(np.sort(order), np.arange(n))  # full: each image once
+    assert not np.array_equal(ids[0], np.arange(n))  # shuffled
+    assert not np.array_equal(ids[0], ids[1]) and not np.array_equal(ids[1], ids[2])
+    # The remainder is dropped: 100 images in batches of 16 give 6 batches of distinct images.
+    src = data.Source("ids", 100, 0, np.full(100, -1), images=np.concatenate([images, images[:4]]))
+    batches = list(data.pretrain_dataset(src, c.data, c.aug, batch, seed=3, num_epochs=1))
+    assert len(batches) == 6
+
+
+def test_knn_monitor_is_k200_t01_and_leaves_training_untouched(monkeypatch):
+    """The monitor scores with k=200 and T=0.1 (the recipe's eval.knn_k, eval.knn_t), and a run
+    with it makes the same updates, BN statistics included, as a run without: the backbone is
+    read in inference mode and nothing of the step changes."""
+    from simsiam_tf import callbacks, data, knn, optim
+    from tests.helpers import tiny_config
+
+    seen = []
+    original = knn.knn_accuracy
+
+    def recording(*args):
+        seen.append(args[5:7])  # (k, t)
+        return original(*args)
+
+    monkeypatch.setattr(knn, "knn_accuracy", recording)
+    rng = np.random.default_rng(0)
+
+    def source(name, n):
+        images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+        return data.Source(name, n, 4, np.arange(n) % 4, images=images)
+
+    c = tiny_config()
+    views = {k: rng.uniform(0, 1, (16, 16, 16, 3)).astype(np.float32) for k in ("view1", "view2")}
+    ds = tf.data.Dataset.from_tensor_slices(views).batch(8)
+    evaluator = callbacks.KnnEvaluator(source("bank", 40), source("queries", 12), 16, c.eval)
+    states = []
+    for monitor in (False, True):
+        keras.utils.set_random_seed(0)
+        net = model.build_simsiam(c.model)
+        net.compile(optimizer=optim.build_optimizer(c.optim, 8, 2, net.predictor.variables))
+        cbs = [callbacks.KnnMonitor(evaluator, every=1, epochs=2)] if monitor else []
+        hist = net.fit(ds, epochs=2, verbose=0, callbacks=cbs, shuffle=False)
+        states.append([v.numpy() for v in net.variables])
+    assert seen == [(200, 0.1), (200, 0.1)] and len(hist.history["knn_top1"]) == 2
+    assert len(states[0]) == len(states[1]) > 0
+    for a, b in zip(*states):
+        np.testing.assert_array_equal(a, b)
