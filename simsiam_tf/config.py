@@ -29,6 +29,11 @@ def default_config() -> ml_collections.ConfigDict:
         width=32,  # base width of cnn_small only
         zero_init_residual=True,
         sync_bn=False,
+        # The type BatchNorm adds its batch sums in: "auto" = float64 for a float32 model
+        # (torch's CPU kernels sum in double; make parity bounds float32 by the official
+        # float32), float32 under mixed precision and on TPUs; "float32" is cuDNN's choice
+        # and a faster BN step (docs/FIDELITY.md, docs/PERFORMANCE.md).
+        bn_sums="auto",
         proj_dim=2048,
         proj_hidden=2048,
         proj_layers=2,
@@ -146,6 +151,8 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
     backbone_error = model.backbone_error(m.backbone)
     if backbone_error:
         raise ConfigError(backbone_error)
+    if m.get("bn_sums", "auto") not in model.BatchNorm.SUM_DTYPES:
+        _fail("model.bn_sums", m.bn_sums, f"choose one of {model.BatchNorm.SUM_DTYPES}")
     if m.predictor not in model.PREDICTORS:
         _fail("model.predictor", m.predictor, f"choose one of {model.PREDICTORS}")
     for key in ("proj_dim", "proj_hidden", "proj_layers", "pred_hidden", "width"):

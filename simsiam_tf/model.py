@@ -88,9 +88,38 @@ class BatchNorm(keras.layers.BatchNormalization):
     large terms whenever the mean is large against the spread: the gradient of a
     zero-initialised residual gamma came out 20x further from float64 than torch's float32
     does, and ten SGD steps ended ~8x further from exact arithmetic than the official code's
-    float32 run (issue 20, docs/FIDELITY.md). The explicit gradient is also 1.4-1.9x faster
-    than autodiff's on the CPU (docs/PERFORMANCE.md).
+    float32 run (issue 20, docs/FIDELITY.md).
+
+    `sum_dtype` is the type of those sums: "float64" (torch's CPU kernels accumulate in double),
+    "float32" (as cuDNN does; the BN step is then 1.5-1.8x faster on the CPU than Keras' own,
+    and about 1.6x faster than with float64 sums: docs/PERFORMANCE.md), or "auto": float64 for a float32 layer, except under a TPUStrategy (no
+    float64), and float32 under mixed precision; never narrower than the layer's own type
+    (a float64 model sums in float64 whatever is set). The products (dy * x_hat, squares) are
+    float32 in every case; only the additions are widened. The mean is the corrected two-pass
+    one (the rounding of the first pass's mean taken out again), so x - mean keeps the digits
+    of the spread of x however large the mean.
     """
+
+    SUM_DTYPES = ("auto", "float32", "float64")
+
+    def __init__(self, *args, sum_dtype: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if sum_dtype not in self.SUM_DTYPES:
+            raise ValueError(f"sum_dtype={sum_dtype!r}: choose one of {self.SUM_DTYPES}")
+        self.sum_dtype = sum_dtype
+
+    def get_config(self):
+        return {**super().get_config(), "sum_dtype": self.sum_dtype}
+
+    def accumulation_dtype(self):
+        """The dtype the batch sums of a training step add in (see `sum_dtype`)."""
+        if self.sum_dtype != "auto":
+            return tf.as_dtype(self.sum_dtype)
+        if self.compute_dtype not in ("float32", "float64") or isinstance(
+            tf.distribute.get_strategy(), tf.distribute.TPUStrategy
+        ):
+            return tf.float32
+        return tf.float64
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable) or mask is not None or self.renorm:
@@ -104,7 +133,13 @@ class BatchNorm(keras.layers.BatchNormalization):
         if ctx is not None and ctx.num_replicas_in_sync == 1:
             ctx = None
         outputs, mean, variance, count = _normalize(
-            x, gamma, beta, axes=list(self._reduction_axes), epsilon=self.epsilon, ctx=ctx
+            x,
+            gamma,
+            beta,
+            axes=list(self._reduction_axes),
+            epsilon=self.epsilon,
+            ctx=ctx,
+            sum_dtype=self.accumulation_dtype(),
         )
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
         momentum = tf.convert_to_tensor(self.momentum, x.dtype)  # not via float32
@@ -118,19 +153,34 @@ class BatchNorm(keras.layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
 
-def _batch_sum(x, axes):
-    """The sum over `axes` (kept, as size 1), one axis at a time from the last: float32 rounding
-    then grows with the longest of them, not with their product."""
+def set_bn_sum_dtype(model: keras.Model, sum_dtype: str) -> int:
+    """Sets `sum_dtype` ("auto", "float32", "float64") on every `BatchNorm` of `model` (nested
+    models too) before it is traced; returns how many. Other BN layers are left alone."""
+    if sum_dtype not in BatchNorm.SUM_DTYPES:
+        raise ValueError(f"sum_dtype={sum_dtype!r}: choose one of {BatchNorm.SUM_DTYPES}")
+    layers = [x for x in model._flatten_layers(include_self=True) if isinstance(x, BatchNorm)]
+    for layer in layers:
+        layer.sum_dtype = sum_dtype
+    return len(layers)
+
+
+def _batch_sum(x, axes, dtype=None):
+    """The sum over `axes` (kept, as size 1), added in `dtype` (default: x's) one axis at a time
+    from the last, so that rounding grows with the longest of them, not with their product;
+    returned in x's dtype."""
+    out_dtype = x.dtype
+    if dtype is not None and tf.as_dtype(dtype).size > out_dtype.size:  # widen, never narrow
+        x = tf.cast(x, dtype)
     for axis in sorted(axes, reverse=True):
         x = tf.reduce_sum(x, axis, keepdims=True)
-    return x
+    return tf.cast(x, out_dtype)
 
 
-def _normalize(x, gamma, beta, *, axes, epsilon, ctx=None):
+def _normalize(x, gamma, beta, *, axes, epsilon, ctx=None, sum_dtype=None):
     """Training-mode batch normalisation of x over `axes`, and over the replicas when `ctx` (a
     replica context) is given: (outputs, mean, biased variance, values per channel), the last
     three without gradient. gamma and beta are broadcastable to x, or None (no scale, no
-    offset). The gradient is torch's: dx from the sums of dy and dy * x_hat over the global
+    offset); the sums over the batch add in `sum_dtype` (default: x's). The gradient is torch's: dx from the sums of dy and dy * x_hat over the global
     batch; gamma's and beta's gradients are this replica's share of those sums, which the
     optimiser then adds up over the replicas, as DDP does after SyncBatchNorm."""
 
@@ -144,18 +194,33 @@ def _normalize(x, gamma, beta, *, axes, epsilon, ctx=None):
     @tf.custom_gradient
     def forward(x, gamma, beta):
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), x.dtype)
-        sums = all_sum(tf.concat([tf.reshape(_batch_sum(x, axes), [-1]), count[None]], 0))
+        sums = all_sum(
+            tf.concat([tf.reshape(_batch_sum(x, axes, sum_dtype), [-1]), count[None]], 0)
+        )
         count = sums[-1]
-        mean = tf.reshape(sums[:-1] / count, param_shape)
-        centred = x - mean
-        variance = all_sum(_batch_sum(tf.square(centred), axes)) / count
+        rounded = tf.reshape(sums[:-1] / count, param_shape)
+        centred = x - rounded
+        # The corrected two-pass algorithm: the rounding of the first mean, mean - rounded, is
+        # the mean of x - rounded; taking it out keeps x - mean accurate to the spread of x.
+        moments = all_sum(
+            tf.stack(
+                [
+                    _batch_sum(centred, axes, sum_dtype),
+                    _batch_sum(tf.square(centred), axes, sum_dtype),
+                ]
+            )
+        )
+        residual = moments[0] / count
+        mean = rounded + residual
+        centred = centred - residual
+        variance = moments[1] / count - tf.square(residual)
         inv = tf.math.rsqrt(variance + epsilon)
         x_hat = centred * inv
         outputs = x_hat * gamma + beta
 
         def grad(d_outputs, *unused):
-            d_beta = _batch_sum(d_outputs, axes)
-            d_gamma = _batch_sum(d_outputs * x_hat, axes)
+            d_beta = _batch_sum(d_outputs, axes, sum_dtype)
+            d_gamma = _batch_sum(d_outputs * x_hat, axes, sum_dtype)
             mean_d_beta, mean_d_gamma = tf.unstack(all_sum(tf.stack([d_beta, d_gamma])) / count)
             d_x = (gamma * inv) * (d_outputs - mean_d_beta - x_hat * mean_d_gamma)
             return d_x, d_gamma, d_beta
@@ -662,6 +727,8 @@ def build_simsiam(model_config, augmenter=None) -> SimSiam:
     predictor = build_predictor(
         c.proj_dim, c.pred_hidden, c.predictor, c.pred_hidden_bn, sync_bn=c.sync_bn
     )
+    for part in (backbone, projector, predictor):
+        set_bn_sum_dtype(part, c.get("bn_sums", "auto"))
     model = SimSiam(
         backbone,
         projector,

@@ -19,22 +19,27 @@ comparison is not one of constants. Compared, as the relative L2 error ||ours - 
   feat, z, p, loss   the first step's forward pass, BN in training mode         bound 1e-5
   grad               every gradient of that step                                 bound 1e-4
   weight, bn, mom    every weight, BN running statistic and momentum buffer
-                     after --steps SGD steps (momentum 0.9, weight decay,
-                     --fix-pred-lr, a cosine lr that changes every step)         bound 1e-4
+                     after --steps SGD steps (momentum 0.9, the case's weight
+                     decay and parameter groups, adjust_learning_rate's per-epoch
+                     cosine, an epoch being a fifth of the steps)                bound 1e-4
 
-for `resnet18_cifar` at 32 px (batch 32), `resnet50` at 224 px (batch 4), and
-`resnet18_cifar_x2`: the 2-replica MirroredStrategy step (CPU split into 2 logical devices,
-model.sync_bn=True, as main_simsiam.py applies SyncBatchNorm to every distributed run) against
-one torch process on the same global batch of 32.
+for `resnet18_cifar` at 32 px (batch 32, the CIFAR recipe: one param group), `resnet18_builder`
+(builder.py's module layout: 3 projector layers of 512 reusing the ResNet's fc, --fix-pred-lr,
+batch 16), `resnet50` at 224 px (batch 4, --fix-pred-lr), and `resnet18_cifar_x2`: the
+2-replica MirroredStrategy step (CPU split into 2 logical devices, model.sync_bn=True, as
+main_simsiam.py applies SyncBatchNorm to every distributed run) against one torch process on
+the same global batch of 32. The torch side derives the lr (base lr x batch / 256), the groups
+and the per-epoch lr itself, from the official rules, and the frozen projector bias is
+non-zero.
 
 Every case runs twice. In float64 on both sides (random BN gammas and betas, every path live
-from the first step), where every group is held to the bounds above: this is the exact check.
-In float32, where the worker also runs the official code in float64 on the same weights and
-views: "floor" is the official code's own float32 error against that, and "vs f64" simsiam_tf's.
-A first-step group passes within max(bound, FLOOR_FACTOR x floor); the groups after the steps
-are reported (marked *), as ten float32 steps take the official code itself 1e-2 to 1 from its
-float64 run (docs/FIDELITY.md). The last line printed is `parity: ...` with every maximum; the
-exit status is 1 when a bound fails.
+from the first step), where every tensor of every group is held to FLOAT64_BOUND (1e-10;
+ResNet-50 at batch 4: 1e-8): this is the exact check. In float32, where the worker also runs
+the official code in float64 on the same weights and views: "floor" is the official code's own
+float32 error against that, and "vs f64" simsiam_tf's. Every float32 tensor, the first step's
+and those after the steps alike, passes within max(bound, FLOOR_FACTOR x its floor) of the
+official float64 result. The last line printed is `parity: ...` with every maximum; the exit
+status is 1 when a bound fails.
 
 With --trajectory_data, instead: --trajectory_steps steps of the CIFAR recipe on real photos,
 the view pairs drawn once by simsiam_tf's pipeline and written to --workdir, fed to both; the
@@ -176,7 +181,9 @@ CASES = {
 }
 DEFAULT_CASES = ["resnet18_cifar", "resnet18_builder", "resnet50", "resnet18_cifar_x2"]
 # The float64 cases are held to FLOAT64_BOUND (ResNet-50 at batch 4 to FLOAT64_BOUND_R50: its
-# BN over 4 values per channel amplifies float64 rounding to ~4e-10 in ten steps). Every
+# BN over 4 values per channel amplifies float64 rounding: its momentum buffers ended 4.0e-10,
+# 6.0e-10, 6.3e-10 and 1.1e-9 from the official ones under four orders of summation in our BN,
+# each exact in real arithmetic, so the bound is 10x the largest of those). Every
 # float32 tensor is held to max(BOUNDS[group], FLOOR_FACTOR x floor), its floor being how far
 # the official code's own float32 result for that tensor is from its float64 result on the
 # same weights and views: simsiam_tf's float32 may be at most 10 times as far from exact
@@ -187,7 +194,7 @@ BOUNDS = dict(
     feat=1e-5, z=1e-5, p=1e-5, loss=1e-5, grad=1e-4, step_loss=1e-4, weight=1e-4, bn=1e-4, mom=1e-4
 )
 FLOAT64_BOUND = 1e-10
-FLOAT64_BOUND_R50 = 1e-9
+FLOAT64_BOUND_R50 = 1e-8
 
 
 def schedule(steps: int) -> tuple:
