@@ -64,6 +64,7 @@ COSMETIC_KEYS = frozenset(
         "data.tfds_download",
         "eval.knn_every_epochs",
         "eval.knn_batch",
+        "eval.random_init_knn",  # scored only by a run that starts at step 0
         "eval.collapse_threshold",
         "eval.collapse_patience",
         "eval.collapse_stop",

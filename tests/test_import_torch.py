@@ -83,21 +83,19 @@ R18 = [  # the ImageNet config with torchvision's resnet18 (builder.py: hidden =
 
 def _served(export_dir, size, crop_fraction):
     """Served embeddings of the sample photos (serving_bytes, the TF Serving client path) and the
-    pixels the export's preprocessing makes of them."""
-    from simsiam_tf import data
+    pixels the export's preprocessing makes of them (`decode.decode_eval`: a JPEG decoded at
+    the DCT scale that keeps the region at least twice the output size)."""
+    from simsiam_tf import decode
 
     loaded = tf.saved_model.load(export_dir)
     photos = sample_photos()
     out = loaded.signatures["serving_bytes"](image_bytes=tf.constant(list(photos.values())))
-    pixels = np.stack(
-        [
-            data.eval_preprocess(tf.io.decode_jpeg(b, channels=3), size, crop_fraction).numpy()
-            for b in photos.values()
-        ]
-    )
-    served = loaded.signatures["serving_default"](
-        images=tf.io.decode_jpeg(photos["china.jpg"])[None]
-    )
+    pixels = np.stack([decode.decode_eval(b, size, crop_fraction).numpy() for b in photos.values()])
+    # serving_default on the image that serving_bytes decodes (at its DCT scale).
+    china = photos["china.jpg"]
+    height, width = tf.unstack(tf.shape(tf.io.decode_jpeg(china))[:2])
+    ratio = int(decode.eval_jpeg_ratio(height, width, size, crop_fraction))
+    served = loaded.signatures["serving_default"](images=decode.decode_rgb(china, ratio)[None])
     assert _relative_l2(served["embedding"].numpy(), out["embedding"].numpy()[:1]) <= 1e-5
     return out["embedding"].numpy(), pixels
 
@@ -154,6 +152,8 @@ def test_resnet18_pretraining_checkpoint_served_equals_torch(tmp_path):
         "tools/eval_knn.py",
         f"--workdir={workdir}",
         "--data=builtin:digits",
+        "--bank_split=train",
+        "--query_split=test",  # the ImageNet recipe's query split is val
         "--max_bank=100",
         "--max_queries=50",
         "--random_init_baseline=false",
