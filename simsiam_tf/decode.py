@@ -133,8 +133,9 @@ def png_header(
     width = tf.where(ihdr, _big_endian(head[:, 8:12]), -1)
     raw = png_raw_bytes(height, width, head[:, 16], head[:, 17], head[:, 20])
     length = tf.cast(tf.strings.length(encoded), tf.int64)
-    idat_type, iend_type = _big_endian(tf.constant(list(b"IDAT"), tf.int64)), _big_endian(
-        tf.constant(list(b"IEND"), tf.int64)
+    idat_type, iend_type = (
+        _big_endian(tf.constant(list(b"IDAT"), tf.int64)),
+        _big_endian(tf.constant(list(b"IEND"), tf.int64)),
     )
 
     def step(i, pos, idat):

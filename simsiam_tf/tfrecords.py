@@ -427,8 +427,7 @@ def read_manifest(arg: str) -> dict:
         manifest = json.load(f)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
-            f"{path}: format_version {manifest.get('format_version')!r}, "
-            f"expected {FORMAT_VERSION}"
+            f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
     return manifest
 
