@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import difflib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -194,17 +193,6 @@ def sgd(
     )
 
 
-def require_serving_protos() -> None:
-    """ImportError with the install command when tensorflow-serving-api (the export's warm-up
-    requests) is missing, before any work."""
-    if importlib.util.find_spec("tensorflow_serving") is None:
-        raise ImportError(
-            "exporting needs tensorflow-serving-api: pip install --no-deps "
-            "tensorflow-serving-api==2.21.0 (--no-deps: it requires the `tensorflow` package, "
-            "which would put a second TensorFlow next to tensorflow-cpu)"
-        )
-
-
 def export_saved_model(
     model: SimSiam,
     export_dir: str,
@@ -215,6 +203,8 @@ def export_saved_model(
     max_pixels: Optional[int] = None,
     max_batch: Optional[int] = None,
     max_request_pixels: Optional[int] = None,
+    max_png_bytes: Optional[int] = None,
+    max_request_png_bytes: Optional[int] = None,
 ) -> str:
     """Exports the model's backbone (and, with `projection`, its projector) as a new version of
     a TF Serving model, as `tools/export.py` does for a run; returns the version's directory.
@@ -225,8 +215,12 @@ def export_saved_model(
     projection). The version is written to a hidden temporary directory, loaded back and
     compared with the model, then renamed: a server watching export_dir never sees half a
     version, and an existing version is never overwritten. docs/SERVING.md has the details.
+
+    The request limits (`export.resolve_limits`; each None takes its default for image_size):
+    max_pixels (one image's height x width), max_batch (images per request),
+    max_request_pixels (pixels per request), max_png_bytes and max_request_png_bytes
+    (compressed PNG data per image and per request, which bound what decoding a PNG costs).
     """
-    require_serving_protos()
     if version is not None and version < 0:
         raise export.ExportError(f"version={version}: versions are non-negative integers")
     if not 0 < crop_fraction <= 1:
@@ -248,16 +242,16 @@ def export_saved_model(
         source=f"in-memory model {model.name}",
         config=config,
     )
-    functions = export.ServingFunctions(encoder, max_pixels, max_batch, max_request_pixels)
+    functions = export.ServingFunctions(
+        encoder, max_pixels, max_batch, max_request_pixels, max_png_bytes, max_request_png_bytes
+    )
     outputs = [export.EMBEDDING, export.EMBEDDING_NORMALIZED]
     metadata = {
         "weights": encoder.source,
         "version": version,
         "image_size": encoder.image_size,
         "eval_crop_fraction": encoder.crop_fraction,
-        "max_pixels": functions.max_pixels,
-        "max_batch": functions.max_batch,
-        "max_request_pixels": functions.max_request_pixels,
+        **functions.limits(),
         "max_aspect_ratio": export.MAX_ASPECT_RATIO,
         "embedding_dim": int(encoder(export.probe_images(image_size, 1))[outputs[0]].shape[-1]),
         "outputs": outputs + ([export.PROJECTION] if projection else []),

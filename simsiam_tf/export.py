@@ -30,8 +30,8 @@ an InvalidArgument error from the graph, the same in TF Serving, `saved_model_cl
 whose message names the first offending image by its index: an empty batch or one above
 `max_batch`, a wrong rank or channel count, non-finite floats, bytes that are not a JPEG or PNG,
 an image above `max_pixels` or more elongated than MAX_ASPECT_RATIO, a request above
-`max_request_pixels`, a PNG whose compressed data exceeds what its declared rows can need, a
-corrupt or truncated file; each message is one printable line. The size of an encoded image is
+`max_request_pixels`, a PNG whose compressed data exceeds what its declared rows can need or
+`max_png_bytes`, PNGs above `max_request_png_bytes` in all, a corrupt or truncated file; each message is one printable line. The size of an encoded image is
 read from its header (the PNG IHDR chunk; the JPEG frame header) by the bounded walks of
 `decode` before anything is decoded, so a small file that declares a huge image allocates
 nothing, a huge request costs a few MB before it is refused, and what an accepted one costs is
@@ -74,6 +74,15 @@ SIGNATURE_INPUTS = {SERVING_DEFAULT: IMAGES, SERVING_FLOAT: IMAGES, SERVING_BYTE
 PIXELS_PER_OUTPUT_PIXEL = 256  # default max_pixels: this many x image_size^2 ...
 MIN_MAX_PIXELS = 1_000_000  # ... and at least one megapixel
 REQUEST_PIXELS_PER_IMAGE = 4  # default max_request_pixels: this many x max_pixels
+# Compressed image data (the IDAT chunks) of one PNG, and of the PNGs of one request. libpng
+# inflates a PNG's whole zlib stream, past the rows its header declares, and no TensorFlow op
+# inflates part of a stream, so a PNG's decoding work is bounded by its compressed bytes, not by
+# its pixels: a stream of zeros inflates about 1030 times, and libpng inflates what lies past
+# the rows into a 1 KB buffer, at about 1.8 s of CPU per MB of such data (docs/SERVING.md,
+# "Memory"). The defaults keep the costliest request within 1.5 s of CPU; a PNG photo of a few
+# megapixels needs more (export with larger values, or send it as JPEG).
+DEFAULT_MAX_PNG_BYTES = 196_608  # 192 KiB per PNG ...
+REQUEST_PNG_BYTES_PER_IMAGE = 4  # ... and 4 x that (768 KiB) over the PNGs of a request
 # Largest batch (at 32 px and below): every image becomes image_size^2 x 3 floats, and the
 # backbone's activations, whatever its own size, so a request of many tiny images (a 1x1 PNG is
 # 70 bytes) costs what that many full-size images cost. Larger inputs get proportionally fewer
@@ -109,30 +118,52 @@ def resolve_limits(
     max_pixels: Optional[int] = None,
     max_batch: Optional[int] = None,
     max_request_pixels: Optional[int] = None,
+    max_png_bytes: Optional[int] = None,
+    max_request_png_bytes: Optional[int] = None,
 ) -> dict:
     """The limits of an export: those given, the defaults for image_size for those None."""
     max_pixels = default_max_pixels(image_size) if max_pixels is None else int(max_pixels)
     max_batch = default_max_batch(image_size) if max_batch is None else int(max_batch)
     if max_request_pixels is None:
         max_request_pixels = REQUEST_PIXELS_PER_IMAGE * max_pixels
+    max_png_bytes = DEFAULT_MAX_PNG_BYTES if max_png_bytes is None else int(max_png_bytes)
+    if max_request_png_bytes is None:
+        max_request_png_bytes = REQUEST_PNG_BYTES_PER_IMAGE * max_png_bytes
     limits = dict(
-        max_pixels=max_pixels, max_batch=max_batch, max_request_pixels=int(max_request_pixels)
+        max_pixels=max_pixels,
+        max_batch=max_batch,
+        max_request_pixels=int(max_request_pixels),
+        max_png_bytes=max_png_bytes,
+        max_request_png_bytes=int(max_request_png_bytes),
     )
+    units = dict(max_batch="images", max_png_bytes="bytes", max_request_png_bytes="bytes")
     for name, value in limits.items():
         if value < 1:
-            what = "images" if name == "max_batch" else "pixels"
-            raise ExportError(f"{name}={value} must be a positive number of {what}")
-    if limits["max_request_pixels"] < max_pixels:
-        raise ExportError(
-            f"max_request_pixels={max_request_pixels} is below max_pixels={max_pixels}: a "
-            "request of one image of the largest accepted size would be refused"
-        )
+            raise ExportError(
+                f"{name}={value} must be a positive number of {units.get(name, 'pixels')}"
+            )
+    for request, one, what in (
+        ("max_request_pixels", "max_pixels", "image of the largest accepted size"),
+        ("max_request_png_bytes", "max_png_bytes", "PNG of the most compressed data accepted"),
+    ):
+        if limits[request] < limits[one]:
+            raise ExportError(
+                f"{request}={limits[request]} is below {one}={limits[one]}: a request of one "
+                f"{what} would be refused"
+            )
     return limits
 
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "simsiam_export.json"
 LIMITS_FILE = "limits.json"  # the limits alone, for clients (tools/serve_client.py --limits)
+REQUEST_LIMITS = (  # the limits an export is made with (resolve_limits), in limits.json
+    "max_batch",
+    "max_pixels",
+    "max_request_pixels",
+    "max_png_bytes",
+    "max_request_png_bytes",
+)
 BATCHING_FILE = "batching_parameters.txt"  # TF Serving --batching_parameters_file for them
 # The scheduling part of the batching parameters, the same for every export.
 BATCH_TIMEOUT_MICROS = 5000
@@ -153,10 +184,17 @@ def limits_record(limits: dict) -> dict:
 
 def images_per_execution(limits: dict) -> int:
     """The most images TF Serving may run as one merged batch without the graph refusing it
-    whatever the images: at most max_batch, and at most as many images of the largest size
-    (max_pixels) as max_request_pixels holds. The graph's checks see a merged batch as one
-    request."""
-    return int(min(limits["max_batch"], limits["max_request_pixels"] // limits["max_pixels"]))
+    whatever the images: at most max_batch, at most as many images of the largest size
+    (max_pixels) as max_request_pixels holds, and at most as many PNGs of the most compressed
+    data (max_png_bytes) as max_request_png_bytes holds. The graph's checks see a merged batch
+    as one request."""
+    return int(
+        min(
+            limits["max_batch"],
+            limits["max_request_pixels"] // limits["max_pixels"],
+            limits["max_request_png_bytes"] // limits["max_png_bytes"],
+        )
+    )
 
 
 def batching_parameters(limits: dict) -> dict:
@@ -178,9 +216,10 @@ _BATCHING_COMMENTS = {
     "max_batch_size": "Largest request: at most the export's max_batch (a larger one is refused by the "
     "server).",
     "enable_large_batch_splitting": "Requests are split, and merged, into batches of ...",
-    "max_execution_batch_size": "... at most this many images: max_batch, and no more images "
-    "of the largest size\n# (max_pixels) than max_request_pixels holds, so that no merged batch "
-    "can exceed the limits.",
+    "max_execution_batch_size": "... at most this many images: max_batch, no more images "
+    "of the largest size\n# (max_pixels) than max_request_pixels holds, and no more PNGs of the "
+    "most compressed data\n# (max_png_bytes) than max_request_png_bytes holds, so that no merged "
+    "batch can exceed the limits.",
     "batch_timeout_micros": "Wait at most 5 ms for more requests before running a partial batch.",
     "num_batch_threads": "Batches run in parallel (about the number of cores per model on a CPU "
     "host).",
@@ -244,7 +283,7 @@ def export_batching_text(limits: dict) -> str:
         "TF Serving --batching_parameters_file (BatchingParameters, text format) for this "
         "export,\nused with --enable_batching; written by tools/export.py from the limits "
         f"of {LIMITS_FILE}:\n"
-        + ", ".join(f"{k} {limits[k]}" for k in ("max_batch", "max_pixels", "max_request_pixels"))
+        + ", ".join(f"{k} {limits[k]}" for k in REQUEST_LIMITS)
         + ". docs/SERVING.md explains it."
     )
     return batching_parameters_text(batching_parameters(limits), header)
@@ -387,6 +426,10 @@ class ServingFunctions:
       max_batch: largest number of images in one call (default: `default_max_batch`).
       max_request_pixels: largest sum of height x width over the images of one call (default
         REQUEST_PIXELS_PER_IMAGE x max_pixels).
+      max_png_bytes: most compressed image data (IDAT bytes) of one PNG (default
+        DEFAULT_MAX_PNG_BYTES); what decoding a PNG costs grows with it.
+      max_request_png_bytes: most compressed image data over the PNGs of one call (default
+        REQUEST_PNG_BYTES_PER_IMAGE x max_png_bytes).
     """
 
     def __init__(
@@ -395,8 +438,17 @@ class ServingFunctions:
         max_pixels: Optional[int] = None,
         max_batch: Optional[int] = None,
         max_request_pixels: Optional[int] = None,
+        max_png_bytes: Optional[int] = None,
+        max_request_png_bytes: Optional[int] = None,
     ):
-        limits = resolve_limits(encoder.image_size, max_pixels, max_batch, max_request_pixels)
+        limits = resolve_limits(
+            encoder.image_size,
+            max_pixels,
+            max_batch,
+            max_request_pixels,
+            max_png_bytes,
+            max_request_png_bytes,
+        )
         self.backbone = encoder.backbone
         self.projector = encoder.projector
         self.image_size = encoder.image_size
@@ -404,16 +456,14 @@ class ServingFunctions:
         self.max_pixels = limits["max_pixels"]
         self.max_batch = limits["max_batch"]
         self.max_request_pixels = limits["max_request_pixels"]
+        self.max_png_bytes = limits["max_png_bytes"]
+        self.max_request_png_bytes = limits["max_request_png_bytes"]
         # Scan data a JPEG header walk reads per image and step: its memory is the batch's.
         self.jpeg_search = max(decode.JPEG_MIN_SEARCH, decode.JPEG_SEARCH_BYTES // self.max_batch)
 
     def limits(self) -> dict:
-        """{max_pixels, max_batch, max_request_pixels} of this export."""
-        return dict(
-            max_pixels=self.max_pixels,
-            max_batch=self.max_batch,
-            max_request_pixels=self.max_request_pixels,
-        )
+        """{REQUEST_LIMITS: value} of this export."""
+        return {name: getattr(self, name) for name in REQUEST_LIMITS}
 
     def _embed(self, preprocessed):
         return _outputs(self.backbone, self.projector, preprocessed)
@@ -529,6 +579,7 @@ class ServingFunctions:
         length = tf.strings.length(image_bytes)
         is_jpeg, is_png = tf.equal(fmt, _JPEG), tf.equal(fmt, _PNG)
         png_bound = decode.png_data_bound(h["raw_bytes"])
+        png_data = tf.where(is_png, h["idat_bytes"], 0)
         checks = [
             _refuse_first(
                 tf.equal(fmt, 0),
@@ -582,6 +633,23 @@ class ServingFunctions:
                     png_bound,
                     height,
                     width,
+                ),
+                _refuse_first(
+                    png_data > self.max_png_bytes,
+                    IMAGE_BYTES,
+                    "PNG of {} bytes of compressed image data (IDAT), more than the "
+                    f"{self.max_png_bytes} this export accepts per PNG (max_png_bytes: decoding "
+                    "a PNG costs in proportion to its compressed data); send it as JPEG, or "
+                    "export with a larger --max_png_bytes",
+                    png_data,
+                ),
+                _refuse_first(
+                    tf.cumsum(png_data) > self.max_request_png_bytes,
+                    IMAGE_BYTES,
+                    "the PNGs up to this one hold {} bytes of compressed image data (IDAT), "
+                    f"more than the {self.max_request_png_bytes} this export accepts in one "
+                    "request; split the request",
+                    tf.cumsum(png_data),
                 ),
             ]
         with tf.control_dependencies(png_checks):
@@ -687,23 +755,40 @@ def _probe_requests(size: int) -> dict:
     }
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, body: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): a string or an embedded message."""
+    return _varint(number << 3 | 2) + _varint(len(body)) + body
+
+
+def warmup_record(signature: str, name: str, value: np.ndarray) -> bytes:
+    """A serialized tensorflow.serving.PredictionLog holding the PredictRequest of `value` as
+    input `name` of `signature`, the bytes the tensorflow-serving-api protos write, built here
+    from the wire format so that exporting needs only TensorFlow:
+
+      PredictionLog { predict_log (6): PredictLog { request (1): PredictRequest {
+        model_spec (1): ModelSpec { signature_name (3) }, inputs (2): {key (1), value (2)} } } }
+    """
+    tensor = tf.make_tensor_proto(value).SerializeToString()
+    spec = _field(3, signature.encode())
+    request = _field(1, spec) + _field(2, _field(1, name.encode()) + _field(2, tensor))
+    return _field(6, _field(1, request))
+
+
 def _write_warmup(path: str, requests: dict) -> None:
     """assets.extra/tf_serving_warmup_requests: TF Serving replays these before it serves the
     version, so the first real request does not pay for graph initialisation."""
-    try:
-        from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-    except ImportError:
-        logging.warning("tensorflow-serving-api is not installed: no warm-up requests written")
-        return
     with tf.io.TFRecordWriter(path) as writer:
         for signature, (name, value) in requests.items():
-            request = predict_pb2.PredictRequest()
-            request.model_spec.signature_name = signature
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)
-            )
-            writer.write(log.SerializeToString())
+            writer.write(warmup_record(signature, name, value))
 
 
 def build_archive(functions: ServingFunctions) -> keras.export.ExportArchive:
@@ -785,6 +870,8 @@ def export(
     max_batch: Optional[int] = None,
     max_request_pixels: Optional[int] = None,
     check: bool = True,
+    max_png_bytes: Optional[int] = None,
+    max_request_png_bytes: Optional[int] = None,
 ) -> str:
     """Exports a run as version `version` (default: one past the highest) of the model whose
     base path is `export_dir`; returns the version's directory.
@@ -807,16 +894,16 @@ def export(
             f"the next free one ({(existing[-1] + 1) if existing else 1})"
         )
     encoder = load_encoder(workdir, projection)
-    functions = ServingFunctions(encoder, max_pixels, max_batch, max_request_pixels)
+    functions = ServingFunctions(
+        encoder, max_pixels, max_batch, max_request_pixels, max_png_bytes, max_request_png_bytes
+    )
     metadata = {
         "workdir": os.path.abspath(workdir),
         "weights": encoder.source,
         "version": version,
         "image_size": encoder.image_size,
         "eval_crop_fraction": encoder.crop_fraction,
-        "max_pixels": functions.max_pixels,
-        "max_batch": functions.max_batch,
-        "max_request_pixels": functions.max_request_pixels,
+        **functions.limits(),
         "max_aspect_ratio": MAX_ASPECT_RATIO,
         "embedding_dim": int(encoder.backbone.output.shape[-1]),
         "outputs": [EMBEDDING, EMBEDDING_NORMALIZED] + ([PROJECTION] if projection else []),

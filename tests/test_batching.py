@@ -76,6 +76,8 @@ def _check_agrees(params, limits: dict):
     assert 1 <= merged <= requests <= limits["max_batch"]
     # Any merged batch: at most `merged` images of at most max_pixels each.
     assert merged * limits["max_pixels"] <= limits["max_request_pixels"]
+    # ... and at most `merged` PNGs of at most max_png_bytes of compressed data each.
+    assert merged * limits["max_png_bytes"] <= limits["max_request_png_bytes"]
     assert params.num_batch_threads.value >= 1 and params.batch_timeout_micros.value > 0
 
 
@@ -89,13 +91,34 @@ def test_the_message_is_tf_servings():
 
 @pytest.mark.parametrize("size", [16, 32, 64, 96, 224, 512])
 @pytest.mark.parametrize("request_images", [1, 4, 10])
-def test_generated_parameters_agree_with_any_limits(size, request_images):
+@pytest.mark.parametrize("request_pngs", [2, 4, 10])
+def test_generated_parameters_agree_with_any_limits(size, request_images, request_pngs):
     max_pixels = export.default_max_pixels(size)
-    limits = export.resolve_limits(size, max_request_pixels=request_images * max_pixels)
+    limits = export.resolve_limits(
+        size,
+        max_request_pixels=request_images * max_pixels,
+        max_png_bytes=1000,
+        max_request_png_bytes=request_pngs * 1000 + 999,
+    )
     params = _parse(export.export_batching_text(limits))
     _check_agrees(params, limits)
     assert params.max_batch_size.value == limits["max_batch"]
-    assert params.max_execution_batch_size.value == min(limits["max_batch"], request_images)
+    expected = min(limits["max_batch"], request_images, request_pngs)
+    assert params.max_execution_batch_size.value == expected
+
+
+def test_limits_that_refuse_their_own_largest_image_are_refused():
+    with pytest.raises(
+        export.ExportError, match="max_request_png_bytes=99 is below max_png_bytes=100"
+    ):
+        export.resolve_limits(32, max_png_bytes=100, max_request_png_bytes=99)
+    with pytest.raises(
+        export.ExportError, match="max_png_bytes=0 must be a positive number of bytes"
+    ):
+        export.resolve_limits(32, max_png_bytes=0)
+    defaults = export.resolve_limits(224)
+    assert defaults["max_png_bytes"] == export.DEFAULT_MAX_PNG_BYTES
+    assert defaults["max_request_png_bytes"] == 4 * export.DEFAULT_MAX_PNG_BYTES
 
 
 def test_the_shipped_file_is_generated_and_agrees_with_every_recipe():
@@ -122,7 +145,7 @@ def test_an_export_writes_its_limits_and_batching_parameters(tmp_path_factory):
         limits = json.load(f)
     with open(os.path.join(extra, export.METADATA_FILE)) as f:
         metadata = json.load(f)
-    for key in ("max_batch", "max_pixels", "max_request_pixels", "max_aspect_ratio"):
+    for key in export.REQUEST_LIMITS + ("max_aspect_ratio",):
         assert limits[key] == metadata[key]
     assert limits["max_batch"] == export.default_max_batch(16) == 256
     assert limits["images_per_execution"] == 4

@@ -319,6 +319,42 @@ def test_warmup_requests_replay_in_a_tf_serving_style_session(saved_model, sessi
     assert sorted(signatures) == sorted(export.SIGNATURES)
 
 
+def test_warmup_records_are_the_serving_protos_bytes_without_the_package(tmp_path):
+    """The records are built from the wire format, so exporting needs only TensorFlow (the
+    tensorflow-serving-api wheel requires the `tensorflow` package): byte for byte what the
+    package's protos serialize, and written with the package unimportable."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    for signature, (name, value) in export._probe_requests(16).items():
+        request = predict_pb2.PredictRequest()
+        request.model_spec.signature_name = signature
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        log = prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)
+        )
+        assert export.warmup_record(signature, name, value) == log.SerializeToString(
+            deterministic=True
+        )
+    path = str(tmp_path / export.WARMUP_FILE)
+    code = (
+        "import sys; sys.modules['tensorflow_serving'] = None\n"
+        "from simsiam_tf import export\n"
+        f"export._write_warmup({path!r}, export._probe_requests(16))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = {}
+    for record in tf.data.TFRecordDataset(path):
+        request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+        got[request.model_spec.signature_name] = {
+            k: tf.make_ndarray(v) for k, v in request.inputs.items()
+        }
+    for signature, (name, value) in export._probe_requests(16).items():
+        np.testing.assert_array_equal(got[signature][name], value)
+
+
 def test_verify_catches_a_mismatch(saved_model, run):
     other = export.load_encoder(run)
     other.backbone.get_layer("conv1").kernel.assign_add(
@@ -580,7 +616,8 @@ def test_thin_and_tall_images_are_refused_beyond_the_aspect_bound(sized, size, t
 
 
 @pytest.mark.parametrize(
-    "size", [32, pytest.param(224, marks=pytest.mark.slow)]  # 224: make test-slow
+    "size",
+    [32, pytest.param(224, marks=pytest.mark.slow)],  # 224: make test-slow
 )
 def test_elongated_images_within_the_bound_cost_what_is_served(sized, size, tmp_path):
     """16:1 at the largest accepted size: the resize allocates output height x input width, so
@@ -600,7 +637,8 @@ def test_elongated_images_within_the_bound_cost_what_is_served(sized, size, tmp_
 
 
 @pytest.mark.parametrize(
-    "size", [32, pytest.param(224, marks=pytest.mark.slow)]  # 224: make test-slow
+    "size",
+    [32, pytest.param(224, marks=pytest.mark.slow)],  # 224: make test-slow
 )
 def test_declared_sizes_below_the_limit_cost_a_bounded_amount(sized, size, tmp_path):
     """Small files whose headers declare the largest accepted image (libjpeg decodes the
@@ -849,7 +887,8 @@ def test_eval_crops_before_resizing_and_serving_matches_it(run, tmp_path):
         path.write_bytes(eh.encode(image, fmt))
         files.append(path)
     crop_run = _centre_crop_run(run, tmp_path)
-    path = export.export(str(crop_run), str(tmp_path / "m"))
+    # The 1100 x 700 PNG holds about 220 KB of data, above the default max_png_bytes.
+    path = export.export(str(crop_run), str(tmp_path / "m"), max_png_bytes=1 << 20)
     enc = export.load_encoder(str(crop_run))
     source = data.load_source(f"folder:{folder}", "train")
     [(pixels, _)] = list(data.eval_dataset(source, 16, 8, crop_fraction=0.875))
@@ -922,6 +961,47 @@ def test_a_png_whose_data_outgrows_its_rows_is_refused_before_decoding(loaded):
     ):
         serve(image_bytes=tf.constant([fine, bomb]))
     assert serve(image_bytes=tf.constant([fine]))["embedding"].shape == (1, 32)
+
+
+def _idat_bytes(png: bytes) -> int:
+    pos, total = 8, 0
+    while pos < len(png):
+        size = struct.unpack(">I", png[pos : pos + 4])[0]
+        total += size if png[pos + 4 : pos + 8] == b"IDAT" else 0
+        pos += 12 + size
+    return total
+
+
+def test_png_data_is_limited_per_image_and_per_request(enc):
+    """Within its rows' bound a PNG's compressed data can still inflate 1000-fold past them (a
+    stream of zeros), so decoding work is bounded by max_png_bytes and max_request_png_bytes."""
+    rng = np.random.default_rng(3)
+    noise = [eh.encode(rng.integers(0, 256, (20, 20 + i, 3), np.uint8), "PNG") for i in range(3)]
+    sizes = [_idat_bytes(png) for png in noise]
+    assert sizes[0] < sizes[1] < sizes[2] and sizes[0] > 1200  # incompressible: rows + stored
+    functions = export.ServingFunctions(
+        enc, max_png_bytes=sizes[1], max_request_png_bytes=sizes[0] + sizes[1]
+    )
+    serve = tf.function(
+        functions.serving_bytes, input_signature=[export.INPUT_SPECS["serving_bytes"]]
+    )
+    photo = eh.encode(rng.integers(0, 256, (30, 30, 3), np.uint8), "JPEG")
+    # At each limit exactly: served (a JPEG counts against no PNG limit).
+    assert serve(tf.constant([noise[0], photo, noise[1]]))[export.EMBEDDING].shape == (3, 32)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=rf"image_bytes\[1\]: PNG of {sizes[2]} bytes of compressed image data \(IDAT\), "
+        rf"more than the {sizes[1]} this export accepts per PNG \(max_png_bytes",
+    ):
+        serve(tf.constant([noise[0], noise[2]]))
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=rf"image_bytes\[2\]: the PNGs up to this one hold {sizes[0] + sizes[1] + sizes[0]} "
+        rf"bytes of compressed image data \(IDAT\), more than the {sizes[0] + sizes[1]} this "
+        "export accepts in one request",
+    ):
+        serve(tf.constant([noise[0], noise[1], noise[0]]))
+    assert functions.limits()["max_request_png_bytes"] == sizes[0] + sizes[1]
 
 
 @pytest.mark.parametrize("size", [32, 224])

@@ -3,6 +3,7 @@ them and run through the exported signatures, match the in-memory encoder; the c
 stand-in servers on the loopback interface that answer the way TF Serving does."""
 
 import base64
+import io
 import json
 import os
 import re
@@ -367,6 +368,20 @@ def test_requests_are_planned_within_the_limits(photos):
     limits["max_request_pixels"] = 10 * pixels
     assert serve_client.plan_requests(files, 32, limits) == [(0, 3), (3, 5)]
     assert serve_client.plan_requests([b"x"] * 7, 32, limits) == [(0, 3), (3, 6), (6, 7)]
+    # PNG data: each PNG's IDAT bytes count against max_request_png_bytes, a JPEG's do not.
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    idat = serve_client.png_data_bytes(png)
+    assert 1200 < idat < len(png) and serve_client.png_data_bytes(jpeg) == 0
+    limits["max_request_png_bytes"] = 2 * idat
+    assert serve_client.plan_requests([png, jpeg, png, png, jpeg], 32, limits) == [
+        (0, 3),
+        (3, 5),
+    ]
 
 
 def test_refusal_line_keeps_the_reason_only():

@@ -7,7 +7,8 @@
 
 With --limits (the export's assets.extra/limits.json, its version directory or its base path)
 the files are sent in requests that stay within the export's limits (max_batch images,
-max_request_pixels pixels, read from each file's header); without, --batch_size files a
+max_request_pixels pixels and max_request_png_bytes of PNG data, read from each file's
+header); without, --batch_size files a
 request. A refused request is sent again one file at a time, so that one bad file costs only
 itself: each refused file is named on stderr with the server's one-line reason, the others are
 printed, and the exit status is 1.
@@ -95,18 +96,41 @@ def declared_pixels(encoded: bytes) -> int:
     return int(width) * int(height)
 
 
+def png_data_bytes(encoded: bytes) -> int:
+    """The compressed image data of a PNG (the sum of its IDAT chunks' lengths, what the
+    export's max_png_bytes limits), 0 for any other file."""
+    if not encoded.startswith(export.PNG_MAGIC):
+        return 0
+    total, pos = 0, len(export.PNG_MAGIC)
+    while pos + 8 <= len(encoded):
+        size, kind = int.from_bytes(encoded[pos : pos + 4], "big"), encoded[pos + 4 : pos + 8]
+        if kind == b"IDAT":
+            total += size
+        if kind == b"IEND":
+            break
+        pos += 12 + size
+    return total
+
+
 def plan_requests(encoded: Sequence[bytes], batch_size: int, limits: Optional[dict]) -> list:
     """Consecutive index ranges [(start, stop)], each one request: at most batch_size files and,
-    with limits, at most max_batch files of at most max_request_pixels pixels in all."""
+    with limits, at most max_batch files of at most max_request_pixels pixels and (if the
+    export has the limit) max_request_png_bytes of PNG data in all."""
     most = batch_size if limits is None else min(batch_size, int(limits["max_batch"]))
-    budget = None if limits is None else int(limits["max_request_pixels"])
-    out, start, pixels = [], 0, 0
+    budgets = []  # (what a file costs, the request's budget of it)
+    if limits is not None:
+        budgets.append((declared_pixels, int(limits["max_request_pixels"])))
+        if "max_request_png_bytes" in limits:
+            budgets.append((png_data_bytes, int(limits["max_request_png_bytes"])))
+    out, start = [], 0
+    spent = [0] * len(budgets)
     for i, e in enumerate(encoded):
-        p = declared_pixels(e) if budget is not None else 0
-        if i > start and (i - start >= most or (budget is not None and pixels + p > budget)):
+        cost = [measure(e) for measure, _ in budgets]
+        over = any(s + c > b for s, c, (_, b) in zip(spent, cost, budgets))
+        if i > start and (i - start >= most or over):
             out.append((start, i))
-            start, pixels = i, 0
-        pixels += p
+            start, spent = i, [0] * len(budgets)
+        spent = [s + c for s, c in zip(spent, cost)]
     if encoded:
         out.append((start, len(encoded)))
     return out

@@ -119,10 +119,12 @@ def cases(limits: dict) -> dict:
         "photo_exif_16mb": lambda: [_photo() + b"Exif\x00\x00" * (16 * _MB // 6)],
         "png_magic_16mb": lambda: [_png(1, 1, 2, b"")[:33] + b"\x00" * (16 * _MB)],
         "png_1x1_bomb_0.5gb": lambda: [_png(1, 1, 2, zeros_stream(4, 512 * 1024))],
-        "png_1x1_bombs_max_batch": lambda: [_png(1, 1, 2, zeros_stream(4, 512 * 1024))]
-        * limits["max_batch"],
-        "png_1x1_max_batch": lambda: [_png(1, 1, 2, zlib.compress(b"\x00" * 4))]
-        * limits["max_batch"],
+        "png_1x1_bombs_max_batch": lambda: (
+            [_png(1, 1, 2, zeros_stream(4, 512 * 1024))] * limits["max_batch"]
+        ),
+        "png_1x1_max_batch": lambda: (
+            [_png(1, 1, 2, zlib.compress(b"\x00" * 4))] * limits["max_batch"]
+        ),
         "png_max_pixels_at_bound": lambda: [_png(side, side, 2, zeros_stream(raw, bound))],
         "png_max_pixels_noise": lambda: [_encode(noise(3), "PNG", compress_level=0)],
         "png_rgba_noise_request": lambda: [_encode(noise(4), "PNG", compress_level=1)] * budget,
@@ -214,9 +216,7 @@ def main(argv):
         result.update(measure(path, encoded))
         print(json.dumps(result), flush=True)
         rows.append(result)
-    print(
-        f"\n{path}: {json.dumps({k: limits[k] for k in ('max_pixels', 'max_batch', 'max_request_pixels')})}"
-    )
+    print(f"\n{path}: {json.dumps({k: limits[k] for k in export.REQUEST_LIMITS if k in limits})}")
     print(
         "| case | images | request | extra | CPU | answer |\n| --- | --- | --- | --- | --- | --- |"
     )

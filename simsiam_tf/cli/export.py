@@ -2,6 +2,7 @@
 
   python tools/export.py --workdir=runs/cifar10 --export_dir=exports/simsiam [--version=N]
       [--projection] [--max_pixels=N] [--max_batch=N] [--max_request_pixels=N]
+      [--max_png_bytes=N] [--max_request_png_bytes=N]
 
 Writes exports/simsiam/<N>/ (N: one past the highest existing version unless given; an existing
 version is never overwritten) through a temporary directory that is renamed once the SavedModel
@@ -19,7 +20,7 @@ import sys
 
 from absl import flags, logging
 
-from simsiam_tf import api, cli, export
+from simsiam_tf import cli, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of a (finished) pretraining run.")
 _EXPORT_DIR = flags.DEFINE_string(
@@ -49,6 +50,18 @@ _MAX_REQUEST_PIXELS = flags.DEFINE_integer(
     "Largest sum of height x width over the images of one request; default: "
     f"{export.REQUEST_PIXELS_PER_IMAGE} x max_pixels.",
 )
+_MAX_PNG_BYTES = flags.DEFINE_integer(
+    "max_png_bytes",
+    None,
+    "Most compressed image data (IDAT bytes) of one PNG: decoding a PNG costs in proportion to "
+    f"it, not only to its pixels; default {export.DEFAULT_MAX_PNG_BYTES} (docs/SERVING.md).",
+)
+_MAX_REQUEST_PNG_BYTES = flags.DEFINE_integer(
+    "max_request_png_bytes",
+    None,
+    "Most compressed image data over the PNGs of one request; default: "
+    f"{export.REQUEST_PNG_BYTES_PER_IMAGE} x max_png_bytes.",
+)
 flags.mark_flags_as_required(["workdir", "export_dir"])
 
 
@@ -69,10 +82,6 @@ def training_holder(workdir: str) -> str | None:
 def main(argv):
     del argv
     workdir = _WORKDIR.value
-    try:
-        api.require_serving_protos()
-    except ImportError as err:
-        cli.fail(str(err))
     holder = training_holder(workdir)
     if holder:
         if not _PROJECTION.value:
@@ -100,6 +109,8 @@ def main(argv):
             max_pixels=_MAX_PIXELS.value,
             max_batch=_MAX_BATCH.value,
             max_request_pixels=_MAX_REQUEST_PIXELS.value,
+            max_png_bytes=_MAX_PNG_BYTES.value,
+            max_request_png_bytes=_MAX_REQUEST_PNG_BYTES.value,
         )
     except (export.ExportError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
