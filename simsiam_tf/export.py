@@ -579,7 +579,8 @@ class ServingFunctions:
         length = tf.strings.length(image_bytes)
         is_jpeg, is_png = tf.equal(fmt, _JPEG), tf.equal(fmt, _PNG)
         png_bound = decode.png_data_bound(h["raw_bytes"])
-        png_data = tf.where(is_png, h["idat_bytes"], 0)
+        png_data = h["idat_bytes"]  # 0 for a JPEG
+        png_total = tf.cumsum(png_data)
         checks = [
             _refuse_first(
                 tf.equal(fmt, 0),
@@ -644,12 +645,12 @@ class ServingFunctions:
                     png_data,
                 ),
                 _refuse_first(
-                    tf.cumsum(png_data) > self.max_request_png_bytes,
+                    png_total > self.max_request_png_bytes,
                     IMAGE_BYTES,
                     "the PNGs up to this one hold {} bytes of compressed image data (IDAT), "
                     f"more than the {self.max_request_png_bytes} this export accepts in one "
                     "request; split the request",
-                    tf.cumsum(png_data),
+                    png_total,
                 ),
             ]
         with tf.control_dependencies(png_checks):

@@ -87,7 +87,10 @@ def cases(limits: dict) -> dict:
 
     side = _side(limits)
     raw = side * (1 + 3 * side)  # RGB rows of the largest square image
-    bound = int(decode.png_data_bound(raw).numpy())
+    # The most compressed data a PNG declaring max_pixels may carry: its rows' bound, and the
+    # export's max_png_bytes (exports made before that limit have only the first).
+    bound = min(int(decode.png_data_bound(raw).numpy()), limits.get("max_png_bytes", 1 << 62))
+    per_request = limits.get("max_request_png_bytes", 1 << 62)
     noise = lambda channels: np.random.default_rng(1).integers(
         0, 256, (side, side, channels), dtype=np.uint8
     )
@@ -126,6 +129,10 @@ def cases(limits: dict) -> dict:
             [_png(1, 1, 2, zlib.compress(b"\x00" * 4))] * limits["max_batch"]
         ),
         "png_max_pixels_at_bound": lambda: [_png(side, side, 2, zeros_stream(raw, bound))],
+        "png_max_pixels_at_bound_request": lambda: (
+            [_png(side, side, 2, zeros_stream(raw, bound))]
+            * max(1, min(budget, per_request // bound))
+        ),
         "png_max_pixels_noise": lambda: [_encode(noise(3), "PNG", compress_level=0)],
         "png_rgba_noise_request": lambda: [_encode(noise(4), "PNG", compress_level=1)] * budget,
         "jpeg_progressive_100_scans": progressive_100_scans,
