@@ -49,19 +49,24 @@ def _png(width: int, height: int, colour: int, stream: bytes) -> bytes:
 
 
 def zeros_stream(raw: int, compressed: int) -> bytes:
-    """A zlib stream of zeros, at most `compressed` bytes, holding as many zeros as fit (about
-    1030 per byte): `raw` of them for the rows a header declares, the rest past them. The same
-    byte-aligned deflate block of 64 MB of zeros is repeated, as a compressor of zeros writes."""
+    """A zlib stream of zeros, at most `compressed` bytes and within a few bytes of it, holding
+    as many zeros as fit (about 1030 per byte): `raw` of them for the rows a header declares, the
+    rest past them. The same byte-aligned deflate block of 64 MB of zeros is repeated, as a
+    compressor of zeros writes, and a shorter one fills what is left."""
     c = zlib.compressobj(9)
     head = c.compress(b"\x00" * raw) + c.flush(zlib.Z_FULL_FLUSH)
     block = c.compress(b"\x00" * (64 * _MB)) + c.flush(zlib.Z_FULL_FLUSH)
     final = b"\x03\x00"  # an empty final block of fixed Huffman codes
-    count = max(0, (compressed - len(head) - len(final) - 4) // len(block))
+    room = compressed - len(head) - len(final) - 4
+    count = max(0, room // len(block))
+    rest = max(0, (room - count * len(block) - 64) * (64 * _MB) // len(block))
+    fill = c.compress(b"\x00" * rest) + c.flush(zlib.Z_FULL_FLUSH) if rest else b""
     adler = zlib.adler32(b"\x00" * raw)
     chunk = b"\x00" * (64 * _MB)
     for _ in range(count):
         adler = zlib.adler32(chunk, adler)
-    return head + block * count + final + struct.pack(">I", adler)
+    adler = zlib.adler32(b"\x00" * rest, adler)
+    return head + block * count + fill + final + struct.pack(">I", adler)
 
 
 def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
@@ -131,6 +136,12 @@ def cases(limits: dict) -> dict:
         "png_max_pixels_at_bound": lambda: [_png(side, side, 2, zeros_stream(raw, bound))],
         "png_max_pixels_at_bound_request": lambda: (
             [_png(side, side, 2, zeros_stream(raw, bound))]
+            * max(1, min(budget, per_request // bound))
+        ),
+        "png_max_pixels_legit_request": lambda: (
+            [  # flat black: the same decode, no excess
+                _png(side, side, 2, zlib.compress(b"\x00" * raw, 9))
+            ]
             * max(1, min(budget, per_request // bound))
         ),
         "png_max_pixels_noise": lambda: [_encode(noise(3), "PNG", compress_level=0)],
