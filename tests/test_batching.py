@@ -153,3 +153,28 @@ def test_an_export_writes_its_limits_and_batching_parameters(tmp_path_factory):
         params = _parse(f.read())
     _check_agrees(params, limits)
     assert params.max_batch_size.value == 256 and params.max_execution_batch_size.value == 4
+
+
+def test_the_cost_tools_hostile_png_fills_its_budget_and_is_a_valid_stream():
+    """tools/serving_costs.py measures the PNG-data worst case with zeros_stream: it must use
+    the whole budget (whole 64 MB blocks alone left a third of it unused) and be a complete
+    stream, inflating far past the declared rows. In a process of its own: the tool defines
+    absl flags that another tool of the suite defines too."""
+    code = (
+        "import sys, zlib; sys.path.insert(0, 'tools')\n"
+        "from serving_costs import zeros_stream\n"
+        "for raw, budget in ((4, 1041), (3003000, 196608)):\n"
+        "    stream = zeros_stream(raw, budget)\n"
+        "    inflater, out, rest = zlib.decompressobj(), 0, stream\n"
+        "    while rest:\n"
+        "        out += len(inflater.decompress(rest, 1 << 26))\n"
+        "        rest = inflater.unconsumed_tail\n"
+        "    print(raw, budget, len(stream), out, inflater.eof)\n"
+    )
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in proc.stdout.split("\n")[-3:-1]:
+        raw, budget, length, out, eof = line.split()
+        assert int(budget) - 100 <= int(length) <= int(budget) and eof == "True"
+        assert int(out) > 500 * int(length) and int(out) > int(raw)
+    assert export.DEFAULT_MAX_PNG_BYTES == 196608
