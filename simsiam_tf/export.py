@@ -31,7 +31,8 @@ whose message names the first offending image by its index: an empty batch or on
 `max_batch`, a wrong rank or channel count, non-finite floats, bytes that are not a JPEG or PNG,
 an image above `max_pixels` or more elongated than MAX_ASPECT_RATIO, a request above
 `max_request_pixels`, a PNG whose compressed data exceeds what its declared rows can need or
-`max_png_bytes`, PNGs above `max_request_png_bytes` in all, a corrupt or truncated file; each message is one printable line. The size of an encoded image is
+`max_png_bytes`, PNGs above `max_request_png_bytes` in all, a corrupt or truncated file; each
+message is one printable line. The size of an encoded image is
 read from its header (the PNG IHDR chunk; the JPEG frame header) by the bounded walks of
 `decode` before anything is decoded, so a small file that declares a huge image allocates
 nothing, a huge request costs a few MB before it is refused, and what an accepted one costs is
@@ -79,8 +80,8 @@ REQUEST_PIXELS_PER_IMAGE = 4  # default max_request_pixels: this many x max_pixe
 # inflates part of a stream, so a PNG's decoding work is bounded by its compressed bytes, not by
 # its pixels: a stream of zeros inflates about 1030 times, and libpng inflates what lies past
 # the rows into a 1 KB buffer, at about 1.8 s of CPU per MB of such data (docs/SERVING.md,
-# "Memory"). The defaults keep the costliest request within 1.5 s of CPU; a PNG photo of a few
-# megapixels needs more (export with larger values, or send it as JPEG).
+# "Memory"). The defaults keep the costliest request within 1.5 s of CPU above a legitimate one;
+# a PNG photo above about 0.1 megapixel needs more (export with larger values, or send JPEG).
 DEFAULT_MAX_PNG_BYTES = 196_608  # 192 KiB per PNG ...
 REQUEST_PNG_BYTES_PER_IMAGE = 4  # ... and 4 x that (768 KiB) over the PNGs of a request
 # Largest batch (at 32 px and below): every image becomes image_size^2 x 3 floats, and the
