@@ -95,11 +95,12 @@ def cases(limits: dict) -> dict:
     # The most compressed data a PNG declaring max_pixels may carry: its rows' bound, and the
     # export's max_png_bytes (exports made before that limit have only the first).
     bound = min(int(decode.png_data_bound(raw).numpy()), limits.get("max_png_bytes", 1 << 62))
-    per_request = limits.get("max_request_png_bytes", 1 << 62)
     noise = lambda channels: np.random.default_rng(1).integers(
         0, 256, (side, side, channels), dtype=np.uint8
     )
     budget = min(limits["max_batch"], limits["max_request_pixels"] // limits["max_pixels"])
+    # As many PNGs at that bound as a request may hold.
+    pngs = max(1, min(budget, limits.get("max_request_png_bytes", 1 << 62) // bound))
 
     def progressive_100_scans():
         jpeg = _encode(np.full((16, 16, 3), 128, np.uint8), "JPEG", progressive=True)
@@ -135,14 +136,13 @@ def cases(limits: dict) -> dict:
         ),
         "png_max_pixels_at_bound": lambda: [_png(side, side, 2, zeros_stream(raw, bound))],
         "png_max_pixels_at_bound_request": lambda: (
-            [_png(side, side, 2, zeros_stream(raw, bound))]
-            * max(1, min(budget, per_request // bound))
+            [_png(side, side, 2, zeros_stream(raw, bound))] * pngs
         ),
         "png_max_pixels_legit_request": lambda: (
             [  # flat black: the same decode, no excess
                 _png(side, side, 2, zlib.compress(b"\x00" * raw, 9))
             ]
-            * max(1, min(budget, per_request // bound))
+            * pngs
         ),
         "png_max_pixels_noise": lambda: [_encode(noise(3), "PNG", compress_level=0)],
         "png_rgba_noise_request": lambda: [_encode(noise(4), "PNG", compress_level=1)] * budget,
