@@ -178,3 +178,37 @@ def test_the_cost_tools_hostile_png_fills_its_budget_and_is_a_valid_stream():
         assert int(budget) - 100 <= int(length) <= int(budget) and eof == "True"
         assert int(out) > 500 * int(length) and int(out) > int(raw)
     assert export.DEFAULT_MAX_PNG_BYTES == 196608
+
+
+def test_serving_costs_legitimate_cases_declare_the_largest_accepted_image():
+    """The Memory table's legitimate rows are the worst case only if their images declare
+    max_pixels: each JPEG and PNG is read back by PIL (header only) and the dense batches'
+    shapes checked, for limits small enough to build quickly."""
+    code = (
+        "import io, json, sys; sys.path.insert(0, 'tools')\n"
+        "from PIL import Image\n"
+        "from serving_costs import cases\n"
+        "built = cases(dict(max_pixels=4096, max_request_pixels=16384, max_batch=8,\n"
+        "                   max_png_bytes=196608, max_request_png_bytes=786432))\n"
+        "out = {}\n"
+        "for name in ('jpeg_baseline_max_pixels', 'jpeg_progressive_max_pixels',\n"
+        "             'png_rgba_max_pixels', 'png_rgba_max_pixels_request',\n"
+        "             'png_max_pixels_legit_request'):\n"
+        "    images = [Image.open(io.BytesIO(b)) for b in built[name]()]\n"
+        "    out[name] = [[im.format, im.mode, *im.size] for im in images]\n"
+        "for name in ('dense_uint8_max_pixels', 'dense_float32_max_pixels'):\n"
+        "    a = built[name]()\n"
+        "    out[name] = [str(a.dtype), *a.shape]\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["jpeg_baseline_max_pixels"] == [["JPEG", "RGB", 64, 64]]
+    assert out["jpeg_progressive_max_pixels"] == [["JPEG", "RGB", 64, 64]]
+    assert out["png_rgba_max_pixels"] == [["PNG", "RGBA", 64, 64]]
+    # The request's pixel budget: 16384 / 4096 = 4 images (max_batch 8 allows more).
+    assert out["png_rgba_max_pixels_request"] == [["PNG", "RGBA", 64, 64]] * 4
+    assert out["png_max_pixels_legit_request"] == [["PNG", "RGB", 64, 64]] * 4
+    assert out["dense_uint8_max_pixels"] == ["uint8", 1, 64, 64, 3]
+    assert out["dense_float32_max_pixels"] == ["float32", 1, 64, 64, 3]

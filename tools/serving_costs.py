@@ -1,5 +1,6 @@
 """What hostile and worst-case legitimate requests cost an export: peak memory and CPU time of
-each request answered by `serving_bytes` in a fresh process (docs/SERVING.md, "Memory").
+each request answered by `serving_bytes` (a dense batch by `serving_default` or `serving_float`)
+in a fresh process (docs/SERVING.md, "Memory").
 
   python tools/serving_costs.py --saved_model=exports/simsiam [--cases=png_bomb,...]
 
@@ -87,11 +88,13 @@ def _side(limits: dict) -> int:
 
 
 def cases(limits: dict) -> dict:
-    """{name: builder of the request's list of encoded images}."""
+    """{name: builder of the request: a list of encoded images for serving_bytes, or an array
+    [batch, height, width, 3] of uint8 for serving_default, of float32 for serving_float}."""
     from simsiam_tf import decode
 
     side = _side(limits)
     raw = side * (1 + 3 * side)  # RGB rows of the largest square image
+    rgba = b"\x00" * (side * (1 + 4 * side))  # transparent black RGBA rows: composited
     # The most compressed data a PNG declaring max_pixels may carry: its rows' bound, and the
     # export's max_png_bytes (exports made before that limit have only the first).
     bound = min(int(decode.png_data_bound(raw).numpy()), limits.get("max_png_bytes", 1 << 62))
@@ -101,6 +104,18 @@ def cases(limits: dict) -> dict:
     budget = min(limits["max_batch"], limits["max_request_pixels"] // limits["max_pixels"])
     # As many PNGs at that bound as a request may hold.
     pngs = max(1, min(budget, limits.get("max_request_png_bytes", 1 << 62) // bound))
+
+    def declaring(progressive: bool):  # a 16x16 JPEG whose frame header declares max_pixels
+        jpeg = _encode(np.full((16, 16, 3), 128, np.uint8), "JPEG", progressive=progressive)
+        sof = jpeg.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+        return [jpeg[: sof + 5] + struct.pack(">HH", side, side) + jpeg[sof + 9 :]]
+
+    def phone_photo():  # 4032 x 3024, smooth with grain, as a camera writes it
+        rng = np.random.default_rng(2)
+        y, x = np.mgrid[0:3024, 0:4032]
+        base = np.stack([(x // 16) % 256, (y // 12) % 256, ((x + y) // 28) % 256], -1)
+        grain = rng.integers(0, 8, base.shape)
+        return [_encode((base + grain).clip(0, 255).astype(np.uint8), "JPEG", quality=85)]
 
     def progressive_100_scans():
         jpeg = _encode(np.full((16, 16, 3), 128, np.uint8), "JPEG", progressive=True)
@@ -144,6 +159,15 @@ def cases(limits: dict) -> dict:
             ]
             * pngs
         ),
+        "jpeg_baseline_max_pixels": lambda: declaring(False),
+        "jpeg_progressive_max_pixels": lambda: declaring(True),
+        "png_rgba_max_pixels": lambda: [_png(side, side, 6, zlib.compress(rgba, 9))],
+        "png_rgba_max_pixels_request": lambda: [_png(side, side, 6, zlib.compress(rgba, 9))]
+        * budget,
+        "jpeg_phone_4032x3024": phone_photo,
+        # Dense batches (serving_default, serving_float) of the largest image a request may hold.
+        "dense_uint8_max_pixels": lambda: np.zeros((1, side, side, 3), np.uint8),
+        "dense_float32_max_pixels": lambda: np.zeros((1, side, side, 3), np.float32),
         "png_max_pixels_noise": lambda: [_encode(noise(3), "PNG", compress_level=0)],
         "png_rgba_noise_request": lambda: [_encode(noise(4), "PNG", compress_level=1)] * budget,
         "jpeg_progressive_100_scans": progressive_100_scans,
@@ -164,17 +188,25 @@ def _status_mb(field: str) -> float:
 def _child(saved_model: str, request_file: str) -> None:
     import tensorflow as tf
 
-    serve = tf.saved_model.load(saved_model).signatures["serving_bytes"]
-    warmup = np.zeros((8, 8, 3), np.uint8)
-    serve(image_bytes=tf.constant([tf.io.encode_png(warmup).numpy()]))
-    value = tf.constant(np.load(request_file, allow_pickle=True))
+    loaded = tf.saved_model.load(saved_model)
+    value = np.load(request_file, allow_pickle=True)
+    warmup = np.zeros((1, 8, 8, 3), np.uint8)
+    if value.dtype != object:  # a dense batch of images: uint8 or float32 pixels
+        signature = "serving_default" if value.dtype == np.uint8 else "serving_float"
+        serve, name = loaded.signatures[signature], "images"
+        warmup = warmup.astype(value.dtype)
+    else:
+        serve, name = loaded.signatures["serving_bytes"], "image_bytes"
+        warmup = np.array([tf.io.encode_png(warmup[0]).numpy()], object)
+    serve(**{name: tf.constant(warmup)})
+    value = tf.constant(value)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_mb("VmRSS")
     usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     error = None
     try:
-        serve(image_bytes=value)
+        serve(**{name: value})
     except tf.errors.InvalidArgumentError as err:
         error = next((line for line in err.message.splitlines() if "assertion" in line), "")
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -195,7 +227,8 @@ def measure(saved_model: str, encoded: list, timeout: float = 900) -> dict:
     """One request of `encoded` answered in a fresh process: {extra_mb, cpu_s, wall_s, error}."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "request.npy")
-        np.save(path, np.array(encoded, object), allow_pickle=True)
+        request = encoded if isinstance(encoded, np.ndarray) else np.array(encoded, object)
+        np.save(path, request, allow_pickle=True)
         proc = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--child", saved_model, path],
             capture_output=True,
@@ -229,7 +262,13 @@ def main(argv):
     for name in names:
         encoded = builders[name]()
         result = dict(
-            case=name, images=len(encoded), request_mb=round(sum(map(len, encoded)) / _MB, 2)
+            case=name,
+            images=len(encoded),
+            request_mb=round(
+                (encoded.nbytes if isinstance(encoded, np.ndarray) else sum(map(len, encoded)))
+                / _MB,
+                2,
+            ),
         )
         result.update(measure(path, encoded))
         print(json.dumps(result), flush=True)
