@@ -1,7 +1,9 @@
 """Test set-up: TensorFlow quiet, the CPU split into 2 logical devices (so MirroredStrategy runs
 with 2 replicas anywhere), and fixtures for real image data."""
 
+import atexit
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -11,6 +13,7 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 # Unpacked archives and image-check verdicts go to a cache of this test session, never to the
 # user's ~/.cache (subprocesses inherit it).
 os.environ["SIMSIAM_TF_CACHE"] = tempfile.mkdtemp(prefix="simsiam-tf-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SIMSIAM_TF_CACHE"], ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
