@@ -802,13 +802,14 @@ def test_exif_orientation_is_applied_when_decoding(big_endian):
 
 
 def test_decode_rgb_in_a_data_pipeline_takes_each_kind_of_file_its_own_way():
-    """A JPEG without Exif takes libjpeg alone, one with Exif the general decoder: in a tf.data
-    map as training runs it, each file comes out as a viewer shows it, at ratio 1 and 2."""
+    """A JPEG upright as stored (no Exif, or orientation 1) takes libjpeg alone, a turned one
+    libjpeg and `orient`, a PNG the general decoder: in a tf.data map as training runs it,
+    each file comes out as a viewer shows it, at ratio 1 and 2."""
     plain = _phone_jpeg()
     stored = tf.io.decode_jpeg(plain, channels=3).numpy()
     rgba = np.dstack([stored, np.full(stored.shape[:2], 128, np.uint8)])
     files = [plain, eh.with_exif_orientation(plain, 6), eh.with_exif_orientation(plain, 1)]
-    files.append(eh.encode(rgba, "PNG"))
+    files += [eh.encode(rgba, "PNG"), eh.with_exif_orientation(plain, 3)]
     for ratio in (1, 2):
         ds = tf.data.Dataset.from_tensor_slices(files).map(lambda b, r=ratio: data.decode_rgb(b, r))
         got = [x.numpy() for x in ds]
@@ -818,6 +819,7 @@ def test_decode_rgb_in_a_data_pipeline_takes_each_kind_of_file_its_own_way():
         np.testing.assert_array_equal(got[2], want)
         over_white = np.round(stored * (128 / 255) + 255 * (127 / 255)).astype(np.uint8)
         np.testing.assert_array_equal(got[3], over_white)  # PNGs are never scaled
+        np.testing.assert_array_equal(got[4], want[::-1, ::-1])
 
 
 def test_exif_orientation_in_the_eval_pipeline_and_serving(loaded, enc, tmp_path):
