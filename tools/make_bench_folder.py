@@ -17,6 +17,18 @@ after rescaling the photo by a log-uniform factor between the smallest scale at 
 fits and 1 (never upscaled unless the photo is smaller than the crop), resampled with Lanczos,
 saved as baseline JPEG quality 90 with 4:2:0 chroma subsampling (PIL's defaults; most ImageNet
 files are like that). Seeded: the same command writes the same files.
+
+`--camera` writes the files as cameras and phones do instead (the bench folder's re-encoded
+crops flatter a decoder that skips what camera files carry):
+
+- an APP1 Exif segment in every file (make, model, date, and a maker note of 4-24 KB of
+  opaque bytes, as cameras write), and an orientation tag: 1 in most files, 6 or 8 (the
+  pixels stored turned, as a phone held upright stores them) in 1 of 4;
+- chroma subsampling 4:2:0 (60%), 4:2:2 (25%) or 4:4:4 (15%), quality 80-97, and 1 file in 6
+  progressive;
+- sides of 192-500 px by default (`--min_side=192`).
+
+    python tools/make_bench_folder.py --out=data/camera_photos --camera --min_side=192
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ _N = flags.DEFINE_integer("n", 1024, "Number of JPEG files.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the crops.")
 _MIN = flags.DEFINE_integer("min_side", 200, "Smallest side of a file, px.")
 _MAX = flags.DEFINE_integer("max_side", 500, "Largest side of a file, px.")
-_QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality.")
+_QUALITY = flags.DEFINE_integer("quality", 90, "JPEG quality (not with --camera).")
+_CAMERA = flags.DEFINE_bool("camera", False, "Write the files as cameras do (see above).")
 flags.mark_flag_as_required("out")
 
 SKIMAGE_PHOTOS = (
@@ -74,8 +87,39 @@ def source_photos() -> dict:
     return photos
 
 
-def make_folder(out: str, n: int, seed: int, sides=(200, 500), quality: int = 90) -> list:
-    """Writes n JPEG crops into `out`; returns their paths."""
+# Exif orientation -> the PIL transpose that stores a shown image as a camera writes it turned.
+_STORED = {1: None, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def _camera_save(image: Image.Image, path: str, rng: np.random.Generator) -> None:
+    """`image` (as shown) saved as a camera would: Exif with a maker note and an orientation
+    (the pixels stored accordingly), varied subsampling and quality, some progressive."""
+    from PIL import ImageFile
+
+    ImageFile.MAXBLOCK = max(ImageFile.MAXBLOCK, 1 << 24)  # progressive + Exif in one block
+    orientation = int(rng.choice([1, 6, 8], p=[0.75, 0.125, 0.125]))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F], exif[0x0110] = "BenchCam", "Model 1"
+    sub = exif.get_ifd(0x8769)
+    sub[0x9003] = "2026:01:01 12:00:00"
+    sub[0x927C] = rng.integers(0, 256, int(rng.integers(4096, 24577)), dtype=np.uint8).tobytes()
+    if _STORED[orientation] is not None:
+        image = image.transpose(_STORED[orientation])
+    image.save(
+        path,
+        quality=int(rng.integers(80, 98)),
+        subsampling=int(rng.choice([2, 1, 0], p=[0.6, 0.25, 0.15])),  # 4:2:0, 4:2:2, 4:4:4
+        progressive=bool(rng.random() < 1 / 6),
+        exif=exif.tobytes(),
+    )
+
+
+def make_folder(
+    out: str, n: int, seed: int, sides=(200, 500), quality: int = 90, camera: bool = False
+) -> list:
+    """Writes n JPEG crops into `out` (as cameras write them with `camera`); returns their
+    paths."""
     photos = source_photos()
     names = sorted(photos)
     rng = np.random.default_rng(seed)
@@ -95,14 +139,25 @@ def make_folder(out: str, n: int, seed: int, sides=(200, 500), quality: int = 90
         x = int(rng.integers(0, new_w - w + 1))
         y = int(rng.integers(0, new_h - h + 1))
         path = os.path.join(out, f"{i:05d}_{os.path.splitext(name)[0]}.jpg")
-        resized.crop((x, y, x + w, y + h)).save(path, quality=quality)
+        crop = resized.crop((x, y, x + w, y + h))
+        if camera:
+            _camera_save(crop, path, rng)
+        else:
+            crop.save(path, quality=quality)
         paths.append(path)
     return paths
 
 
 def main(argv):
     del argv
-    paths = make_folder(_OUT.value, _N.value, _SEED.value, (_MIN.value, _MAX.value), _QUALITY.value)
+    paths = make_folder(
+        _OUT.value,
+        _N.value,
+        _SEED.value,
+        (_MIN.value, _MAX.value),
+        _QUALITY.value,
+        camera=_CAMERA.value,
+    )
     sizes = [os.path.getsize(p) for p in paths]
     print(
         f"files={len(paths)} sources={len(source_photos())} "
