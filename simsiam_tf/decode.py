@@ -10,7 +10,6 @@ the serving graph on them.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import tensorflow as tf
@@ -278,9 +277,41 @@ def jpeg_size(encoded: tf.Tensor, missing: int = 0) -> tf.Tensor:
     return tf.where(walk["sof"][0] >= 0, size, tf.fill([2], tf.constant(missing, tf.int64)))
 
 
-def _exif_position(encoded: tf.Tensor) -> tf.Tensor:
-    """Position of the TIFF header of a JPEG's leading Exif segment; -1 when it has none."""
-    return jpeg_walk(tf.reshape(encoded, [1]), "leading")["exif"][0]
+_UNROLLED_STEPS = 2  # leading segments read without a loop: SOI, then APP1 Exif or APP0 + APP1
+
+
+def _exif_position(encoded: tf.Tensor, max_steps: int = MAX_HEADER_STEPS) -> tf.Tensor:
+    """Position of the TIFF header of a JPEG's leading Exif segment; -1 when it has none.
+
+    What `jpeg_walk(..., "leading")["exif"]` gives, for one image and in fewer ops: the walk
+    stops at the Exif segment, and its first steps are written out, so that a file whose Exif
+    segment comes first or second (cameras, phones, most editors) needs no loop iteration."""
+    encoded = tf.reshape(encoded, [])
+    length = tf.cast(tf.strings.length(encoded), tf.int64)
+    exif_id = tf.constant(list(_EXIF_ID), tf.int64)
+    one, two, minus_one = (tf.constant(v, tf.int64) for v in (1, 2, -1))
+
+    def step(pos, exif):
+        seg = _bytes_at(encoded, pos, 10)  # FF, marker, length (2), "Exif\0\0"
+        marker, seglen = seg[1], seg[2] * 256 + seg[3]
+        at = (pos >= 0) & tf.equal(seg[0], 0xFF)
+        fill = at & tf.equal(marker, 0xFF)
+        leading = ((marker >= 0xE0) & (marker <= 0xEF)) | tf.equal(marker, 0xFE)
+        segment = at & ~fill & leading & (seglen >= 2)
+        found = segment & tf.equal(marker, 0xE1) & tf.reduce_all(tf.equal(seg[4:10], exif_id))
+        exif = tf.where(found, pos + 10, exif)
+        pos = tf.where((fill | segment) & ~found, pos + tf.where(fill, one, two + seglen), -1)
+        return pos, exif
+
+    pos, exif = tf.where(length >= 2, two, minus_one), minus_one
+    for _ in range(min(_UNROLLED_STEPS, max_steps)):
+        pos, exif = step(pos, exif)
+    _, _, exif = tf.while_loop(
+        lambda i, pos, exif: (i < max_steps) & (pos >= 0),
+        lambda i, pos, exif: (i + 1, *step(pos, exif)),
+        (tf.constant(min(_UNROLLED_STEPS, max_steps)), pos, exif),
+    )
+    return exif
 
 
 def jpeg_orientation(encoded: tf.Tensor) -> tf.Tensor:
@@ -320,12 +351,18 @@ def _exif_orientation(encoded: tf.Tensor, tiff: tf.Tensor) -> tf.Tensor:
 
 
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
-    """HxWxC as stored -> as shown, for an EXIF orientation 1-8 (2-8 mirror or rotate it)."""
-    image = tf.cond(orientation >= 5, lambda: tf.transpose(image, (1, 0, 2)), lambda: image)
-    mirror = tf.reduce_any(tf.equal(orientation, (2, 3, 6, 7)))
-    image = tf.cond(mirror, lambda: tf.reverse(image, [1]), lambda: image)
+    """HxWxC as stored -> as shown, for an EXIF orientation 1-8 (2-8 mirror or rotate it).
+
+    Without branches: a transpose by a permutation and a reverse over axes picked by the
+    orientation (the identity permutation and no axes for 1, which pass the image through), so
+    that a graph pays no `tf.cond` per image."""
+    orientation = tf.cast(orientation, tf.int32)
+    perm = tf.where(orientation >= 5, tf.constant([1, 0, 2]), tf.constant([0, 1, 2]))
+    image = tf.transpose(image, perm)
     upside_down = tf.reduce_any(tf.equal(orientation, (3, 4, 7, 8)))
-    return tf.cond(upside_down, lambda: tf.reverse(image, [0]), lambda: image)
+    mirror = tf.reduce_any(tf.equal(orientation, (2, 3, 6, 7)))
+    axes = tf.boolean_mask(tf.constant([0, 1]), tf.stack([upside_down, mirror]))
+    return tf.reverse(image, axes)
 
 
 def _shown_region(image, orientation, window_fn):
@@ -423,40 +460,26 @@ def _decode(encoded, ratio_fn, window_fn) -> tf.Tensor:
     return image
 
 
-@functools.lru_cache(maxsize=None)
-def _decode_any(ratio: int):
-    """`_decode` of one image at a fixed ratio as a function that the graph calls, not inlines
-    (`_noinline`): a `tf.cond` branch of inlined ops costs every one of its ops on each call,
-    taken or not (the executor passes them dead tensors), and this one is ~200 ops."""
-
-    def decode(encoded):
-        return _decode(encoded, None if ratio == 1 else (lambda h, w: ratio), None)
-
-    return _noinline(decode, tf.TensorSpec([], tf.string))
-
-
-def _noinline(fn, *signature):
-    return tf.function(
-        fn, input_signature=list(signature), experimental_attributes={"_noinline": True}
+def _composite_whole(rgba: tf.Tensor) -> tf.Tensor:
+    """`composite(rgba)` in one pass and without branches: the same values (an opaque pixel,
+    alpha 255, keeps its own), in uint16 copies of the whole image (training's images are
+    small next to what serving bounds `composite`'s blocks for)."""
+    rgb = tf.cast(rgba[..., :3], tf.uint16)
+    alpha = tf.cast(rgba[..., 3:], tf.uint16)
+    return tf.cast(
+        ((rgb - ALPHA_BACKGROUND) * alpha + (ALPHA_BACKGROUND * 255 + 127)) // 255, tf.uint8
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _oriented_jpeg(ratio: int):
-    """A JPEG decoded at 1/ratio scale and turned by a given EXIF orientation, as a function
-    the graph calls (see `_decode_any`)."""
-
-    def decode(encoded, orientation):
-        return orient(_decode_jpeg(encoded, ratio), orientation)
-
-    return _noinline(decode, tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32))
-
-
-# The orientation tag's read (about 40 scalar ops) as a function the graph calls: taken only
-# for JPEGs that have an Exif segment.
-_exif_orientation_call = _noinline(
-    _exif_orientation, tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)
-)
+def _decode_not_jpeg(encoded: tf.Tensor) -> tf.Tensor:
+    """A PNG (transparency composited) or whatever tf.io.decode_image reads (GIF first frame,
+    BMP), uint8 RGB: a few ops, which a graph also runs (on dead tensors) for every JPEG."""
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_MAGIC)), PNG_MAGIC)
+    return tf.cond(
+        is_png,
+        lambda: _composite_whole(tf.io.decode_png(encoded, channels=4)),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
 
 
 def decode_rgb(encoded: tf.Tensor, ratio: int = 1) -> tf.Tensor:
@@ -464,33 +487,24 @@ def decode_rgb(encoded: tf.Tensor, ratio: int = 1) -> tf.Tensor:
     by its EXIF orientation, transparency composited onto ALPHA_BACKGROUND, grayscale, palette
     and 16-bit images made 8-bit RGB. A JPEG is decoded at 1/ratio scale (1, 2, 4 or 8).
 
-    A JPEG's orientation is read first (the walk of `jpeg_walk` "leading", 2 or 3 steps, then
-    the tag when it has an Exif segment): one upright as stored (no Exif, or orientation 1:
-    most files, camera files included) takes libjpeg's decoder alone, a turned one that decoder
-    and `orient`; every other image takes the general decoder. The same pixels as `_decode`,
-    without its ~200 ops of branches for every JPEG (0.9 ms of CPU per 224-px training pair
-    on Exif-carrying camera files: docs/PERFORMANCE.md)."""
+    The same pixels as `_decode` (serving's decoder), in few ops per image, for training's
+    tf.data maps: there each op of a `tf.cond` branch costs about as much taken or not (a
+    branch calling the general decoder as a non-inlined function cost 0.4 ms per JPEG not
+    taking it), and every `tf.cond` costs as an op. So a JPEG's orientation is read without
+    branches (the leading-segment walk and the tag read; any bytes give 1-8), the JPEG is
+    decoded by libjpeg alone and turned by `orient` without branches, and the branch for the
+    other formats is a few ops: 2.0-2.2 ms of CPU per camera-like file before, about 1.2 now
+    (docs/PERFORMANCE.md)."""
     if ratio not in _DCT_RATIOS:
         raise ValueError(f"ratio={ratio}: libjpeg scales by one of {_DCT_RATIOS}")
     encoded = tf.convert_to_tensor(encoded, tf.string)
     is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_MAGIC)), JPEG_MAGIC)
-    tiff = _exif_position(encoded)
-    orientation = tf.cond(
-        is_jpeg & (tiff >= 0),
-        lambda: _exif_orientation_call(encoded, tiff),
-        lambda: tf.constant(1, tf.int32),
-    )
     image = tf.cond(
-        is_jpeg & tf.equal(orientation, 1),
-        lambda: _decode_jpeg(encoded, ratio),
-        lambda: tf.cond(
-            is_jpeg,
-            lambda: _oriented_jpeg(ratio)(encoded, orientation),
-            lambda: _decode_any(ratio)(encoded),
-        ),
+        is_jpeg, lambda: _decode_jpeg(encoded, ratio), lambda: _decode_not_jpeg(encoded)
     )
     image.set_shape((None, None, 3))
-    return image
+    orientation = tf.where(is_jpeg, _exif_orientation(encoded, _exif_position(encoded)), 1)
+    return orient(image, orientation)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -263,3 +263,71 @@ def test_the_bound_covers_zlibs_own_stored_blocks():
     overhead = header["idat_bytes"] - raw - 6
     assert overhead > 5 * -(-raw // 65535)  # more block headers than 65535-byte blocks need
     assert header["idat_bytes"] <= decode.png_data_bound(raw).numpy()
+
+
+def test_the_exif_probe_finds_what_the_leading_walk_finds():
+    """decode_rgb's probe (its first steps written out, then a loop) against jpeg_walk's
+    "leading" walk: Exif first, second, after 3 and 70 other leading segments, after fill
+    bytes, behind a non-leading segment (not leading: none), cut off, and not a JPEG; and the
+    step bound."""
+    exif = _segment(0xE1, b"Exif\x00\x00II*\x00\x08\x00\x00\x00")
+    app0, com = _segment(0xE0, b"JFIF\x00" + bytes(9)), _segment(0xFE, b"hello")
+    dqt = _segment(0xDB, bytes(65))
+    plain = _jpeg()
+    files = {
+        "none": plain,
+        "first": _after_soi(plain, exif),
+        "second": _after_soi(plain, app0, exif),
+        "fourth": _after_soi(plain, app0, com, com, exif),
+        "after 70": _after_soi(plain, *([com] * 70), exif),
+        "after fill": plain[:2] + b"\xff\xff" + exif + plain[2:],
+        "behind a DQT": _after_soi(plain, dqt, exif),
+        "cut off": _after_soi(plain, app0, exif)[:25],
+        "a PNG": _png(2, 2, 8, 2, bytes(14)),
+    }
+    got = {k: int(decode._exif_position(tf.constant(v))) for k, v in files.items()}
+    want = {k: _walk([v], "leading")["exif"][0] for k, v in files.items()}
+    assert got == want
+    assert got["first"] == 2 + 10 and got["second"] == 2 + len(app0) + 10
+    assert got["after 70"] == 2 + 70 * len(com) + 10
+    assert got["none"] == got["behind a DQT"] == got["a PNG"] == -1
+    # The bound: 71 steps reach the Exif segment after 70 comments, 70 do not.
+    encoded = tf.constant(files["after 70"])
+    assert int(decode._exif_position(encoded, max_steps=71)) == got["after 70"]
+    assert int(decode._exif_position(encoded, max_steps=70)) == -1
+
+
+def test_decode_rgb_gives_the_general_decoders_pixels_for_every_kind_of_file():
+    """decode_rgb (training's decoder, few ops) and _decode (serving's) agree on every kind of
+    file: JPEGs in each orientation, grey, RGB, palette, grey+alpha and RGBA PNGs (composited),
+    16-bit PNG, GIF, BMP."""
+    from tests import export_helpers as eh
+
+    alpha = RNG.integers(0, 256, PIXELS.shape[:2], dtype=np.uint8)
+    images = {f"jpeg orientation {o}": eh.with_exif_orientation(_jpeg(), o) for o in range(1, 9)}
+
+    def encode(array, fmt, **kwargs):
+        buf = io.BytesIO()
+        Image.fromarray(array, **kwargs).save(buf, fmt)
+        return buf.getvalue()
+
+    images["png grey"] = encode(PIXELS[..., 0], "PNG")
+    images["png rgb"] = encode(PIXELS, "PNG")
+    images["png palette"] = Image.fromarray(PIXELS).quantize(16)
+    buf = io.BytesIO()
+    images["png palette"].save(buf, "PNG")
+    images["png palette"] = buf.getvalue()
+    images["png grey+alpha"] = encode(np.dstack([PIXELS[..., 0], alpha]), "PNG")
+    images["png rgba"] = encode(np.dstack([PIXELS, alpha]), "PNG")
+    images["png 16-bit"] = encode(PIXELS[..., 0].astype(np.uint16) * 257, "PNG")
+    images["gif"] = encode(PIXELS, "GIF")
+    images["bmp"] = encode(PIXELS, "BMP")
+    for name, encoded in images.items():
+        want = decode._decode(tf.constant(encoded), None, None).numpy()
+        got = decode.decode_rgb(encoded).numpy()
+        assert got.shape == want.shape and np.array_equal(got, want), name
+    # Turned JPEGs really are turned (6: stored sideways), transparency really composited.
+    assert decode.decode_rgb(images["jpeg orientation 6"]).shape == (60, 40, 3)
+    rgba = decode.decode_rgb(images["png rgba"]).numpy().astype(int)
+    expected = np.round(PIXELS * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255))
+    assert np.abs(rgba - expected).max() <= 1
