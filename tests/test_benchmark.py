@@ -55,3 +55,49 @@ def test_step_mode_on_a_tiny_config():
     )
     assert fields["mode"] == "step" and fields["batch"] == "16"
     assert fields["jit_compile"] == "False" and float(fields["pairs_per_s"]) > 0
+
+
+@pytest.mark.slow  # a benchmark process of 9 timed passes: make test-slow
+def test_stages_mode_names_every_stage_and_adds_up(tmp_path):
+    write_images(tmp_path, 16, size=(64, 48), ext=".jpg")
+    fields = _last_line_fields(
+        ["stages", f"--folder={tmp_path}", "--image_size=32", "--limit=16", "--rounds=1"]
+    )
+    stages = [
+        "read_the_file",
+        "decode",
+        "randomresizedcrop",
+        "colorjitter",
+        "randomgrayscale",
+        "gaussianblur",
+        "horizontalflip",
+        "finish",
+    ]
+    assert fields["mode"] == "stages" and fields["threads"] == "1"
+    assert [k for k in fields if k not in ("mode", "threads", "cpu_ms_per_pair")] == stages
+    total = sum(float(fields[k]) for k in stages)
+    # Each field is printed to 4 significant digits.
+    assert abs(total - float(fields["cpu_ms_per_pair"])) <= 0.01 + 0.002 * abs(total)
+    assert float(fields["decode"]) > 0
+
+
+@pytest.mark.slow  # model.fit twice in a benchmark process: make test-slow
+def test_fit_mode_times_the_same_batches_in_memory_and_through_the_pipeline(tmp_path):
+    write_images(tmp_path, 32, size=(64, 48), ext=".jpg")
+    fields = _last_line_fields(
+        [
+            "fit",
+            f"--config={os.path.join(REPO, 'configs', 'quickstart.py')}",
+            f"--folder={tmp_path}",
+            "--batch=8",
+            "--warmup=1",
+            "--steps=2",
+            "--limit=32",
+        ]
+    )
+    assert fields["mode"] == "fit" and fields["batch"] == "8"
+    in_memory, pipeline = float(fields["step_s_in_memory"]), float(fields["step_s_pipeline"])
+    wait = float(fields["input_wait_share"])
+    assert in_memory > 0 and pipeline > 0 and 0 <= wait < 1
+    assert abs(wait - max(0.0, 1 - in_memory / pipeline)) < 0.01
+    assert abs(float(fields["pairs_per_s"]) - 8 / pipeline) <= 0.01 * 8 / pipeline

@@ -3,6 +3,10 @@
     # view pairs/s of the project's own pipeline, on an image folder, with N CPU threads
     python tools/benchmark.py pipeline --folder=DIR --image_size=224 --threads=1 \\
         --photometric=cpu|device [--recipe=imagenet|cifar] [--batch=64] [--limit=1024]
+    # CPU ms per image of each stage of the pipeline (read, decode, each recipe layer, batching)
+    python tools/benchmark.py stages --folder=DIR [--threads=1] [--limit=512]
+    # the pipeline at 1, 2 and all of the machine's threads, each in a process of its own
+    python tools/benchmark.py threads --folder=DIR [--photometric=cpu|device] [--rounds=1]
     # pairs/s of the training step on synthetic input
     python tools/benchmark.py step --config=configs/cifar10_resnet18.py --batch=128 \\
         [--jit_compile=true|false] [--threads=0]
@@ -21,8 +25,10 @@
 `pipeline` times the training pipeline itself (`data.pretrain_dataset`), whose augmentations are
 the recipe's keras-cv layers called through keras-cv. `--photometric=device` times only what the
 CPU does in that mode (decode, crop, resize, flip and the sampling of the photometric
-parameters); the colour and blur work then runs in the train step. `--threads=N` limits tf.data's private pool and TensorFlow's intra- and inter-op pools to
-N threads. Runs are warmed up, then timed; `cores_used` = process CPU time / wall time tells how
+parameters); the colour and blur work then runs in the train step. `--threads=N` limits tf.data's
+private pool and TensorFlow's inter-op pool to N threads, and the intra-op pool to
+`--intra_op_threads` (pipeline modes: 1 by default, as training beside an accelerator sets it;
+step and fit: N). Runs are warmed up, then timed; `cores_used` = process CPU time / wall time tells how
 many cores a run really used. The last line printed is machine-readable `key=value` pairs and
 includes `pairs_per_s=`. Absolute figures depend on the machine and its load: compare runs made
 side by side (the `compare` mode), and read docs/PERFORMANCE.md.
@@ -46,7 +52,7 @@ import cli  # noqa: E402,F401  (before TensorFlow: a quiet start-up)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("pipeline", "step", "fit", "startup", "knn", "compare")
+MODES = ("pipeline", "stages", "threads", "step", "fit", "startup", "knn", "compare")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
     "imagenet": os.path.join(REPO, "configs", "imagenet_resnet50.py"),
@@ -64,6 +70,11 @@ _PHOTOMETRIC = flags.DEFINE_enum(
 )
 _RECIPE = flags.DEFINE_enum(
     "recipe", "imagenet", list(RECIPES), "Augmentation recipe (pipeline): its config's aug."
+)
+_INTRA_OP = flags.DEFINE_integer(
+    "intra_op_threads",
+    1,
+    "pipeline, stages, threads: TensorFlow's intra-op threads (-1: as --threads; 0: all cores).",
 )
 _BATCH = flags.DEFINE_integer("batch", 0, "Batch (0: 64 for pipeline, 128 for step and fit).")
 _LIMIT = flags.DEFINE_integer("limit", 1024, "Use at most this many files of the folder.")
@@ -118,11 +129,15 @@ def _report(**fields) -> None:
     )
 
 
-def _limit_threads(n: int) -> None:
+def _limit_threads(n: int, intra_op: int | None = None) -> None:
+    """n threads for tf.data's pool and TensorFlow's inter-op pool (0: TensorFlow's default);
+    `intra_op` threads for the intra-op pool (default n)."""
     import tensorflow as tf
 
+    intra_op = n if intra_op is None else intra_op
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
     if n:
-        tf.config.threading.set_intra_op_parallelism_threads(n)
         tf.config.threading.set_inter_op_parallelism_threads(n)
 
 
@@ -140,7 +155,10 @@ def _recipe(path: str):
 
 
 def run_pipeline() -> None:
-    _limit_threads(_THREADS.value)
+    # As the pipeline runs beside an accelerator (`data.intra_op_threads`, auto) and as
+    # torch's DataLoader workers run (one thread each): tf.data runs an example per thread,
+    # and no op of an example splits over the cores (`--intra_op_threads=0`: over all).
+    _limit_threads(_THREADS.value, _INTRA_OP.value if _INTRA_OP.value >= 0 else _THREADS.value)
     from simsiam_tf import data
 
     if not _FOLDER.value:
@@ -181,6 +199,159 @@ def run_pipeline() -> None:
         peak_rss_mb=_peak_rss_mb(),
         rss_growth_mb=_peak_rss_mb() - rss0,
         pairs_per_s=pairs / wall,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# stages: what each stage of the pipeline costs per image
+
+
+def _cpu_ms_per_image(dataset) -> float:
+    """Process CPU ms per image of a pass over the batches of `dataset` after its first batch
+    (a whole second pass when there is only one)."""
+    import tensorflow as tf
+
+    rows = lambda batch: int(tf.nest.flatten(batch)[0].shape[0])
+    it = iter(dataset)
+    next(it)
+    cpu0, count = time.process_time(), 0
+    for batch in it:
+        count += rows(batch)
+    if count == 0:
+        cpu0 = time.process_time()
+        for batch in dataset:
+            count += rows(batch)
+    return 1000.0 * (time.process_time() - cpu0) / count
+
+
+def stage_costs(
+    folder: str, threads: int = 1, limit: int = 512, image_size: int = 224, rounds: int = 3
+) -> list:
+    """[(stage, CPU ms per image)]: the whole-recipe pipeline of configs/imagenet_resnet50.py
+    built up one stage at a time on the files of `folder` (at most `limit`), each prefix timed
+    as a tf.data pass on `threads` threads, and each stage's cost the difference from the
+    prefix before it. Both views are made, so a recipe layer's cost is that of two views. The
+    stages: reading the files, decoding (`decode.decode_rgb`), each layer of the recipe through
+    its keras-cv call (crop, colour jitter, grayscale, blur, flip), and the rest of
+    `data.pretrain_dataset` (the uint8 rounding, batching, its order, the replacement of
+    undecodable files, prefetch). Each prefix's output is a corner of the views, so that every
+    pass batches the same few bytes."""
+    import tensorflow as tf
+
+    from simsiam_tf import augment, data, decode
+
+    config = _recipe(RECIPES["imagenet"])
+    config.data.image_size = image_size
+    config.data.photometric = "cpu"
+    config.data.threads = threads
+    recipe = augment.TwoViewRecipe(config.aug, image_size, "cpu")
+    source = data.load_source(f"folder:{folder}", "train", max_examples=limit)
+    paths = tf.constant(list(source.files))
+    n = len(source.files)
+    batch = min(64, n)
+    encoded = tf.constant([tf.io.read_file(p).numpy() for p in source.files])
+    options = data._options(threads)
+    seed = tf.constant([0, 1], tf.int64)
+
+    def views_after(k):
+        """Both views after the first k recipe layers (k = -1: the decoded image only)."""
+
+        def fn(i, encoded_):
+            image = decode.decode_rgb(encoded_)
+            if k < 0:
+                return image[:1, :1]  # keeps the decode; a fixed shape to batch
+            out = []
+            for v in (1, 2):
+                view, view_seed = image, augment.fold_seed(seed, i, v)
+                for j, layer in recipe.cpu_layers[:k]:
+                    view = augment._call(layer, view, augment.fold_seed(view_seed, j))
+                out.append(view[:1, :1])  # the same small output whatever the stage
+            return tf.stack(out)
+
+        return fn
+
+    def timed(fn):
+        ds = tf.data.Dataset.from_tensor_slices((tf.range(n, dtype=tf.int64), encoded))
+        ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
+        return _cpu_ms_per_image(ds.with_options(options))
+
+    read = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: tf.strings.length(tf.io.read_file(p)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    rows = [("read the file", _cpu_ms_per_image(read.batch(batch).with_options(options)))]
+    stages = [("decode", views_after(-1))]
+    for k, (_, layer) in enumerate(recipe.cpu_layers, 1):
+        stages.append((f"{type(layer).__name__} (2 views)", views_after(k)))
+    whole = data.pretrain_dataset(source, config.data, config.aug, batch, seed=0, num_epochs=1)
+    passes = [lambda: timed(lambda i, e: tf.strings.length(e))]  # the loop itself
+    passes += [lambda fn=fn: timed(fn) for _, fn in stages]
+    passes += [lambda: _cpu_ms_per_image(whole)]
+    # Every prefix `rounds` times, alternating, and the median of each: one pass's noise is
+    # about as large as the cheapest stages.
+    costs = [[] for _ in passes]
+    for r in range(rounds):
+        for j, run in enumerate(passes):
+            costs[j].append(run())
+            _progress("stage passes", r * len(passes) + j + 1, rounds * len(passes))
+    cost = [statistics.median(c) for c in costs]
+    names = [name for name, _ in stages] + ["finish: uint8, batching, order, replacement"]
+    rows += [(name, cost[j + 1] - cost[j]) for j, name in enumerate(names)]
+    # The whole pipeline reads its files too: that is the first row already.
+    rows[-1] = (rows[-1][0], rows[-1][1] - rows[0][1])
+    return rows
+
+
+def run_stages() -> None:
+    _limit_threads(_THREADS.value or 1, _INTRA_OP.value if _INTRA_OP.value >= 0 else None)
+    if not _FOLDER.value:
+        raise app.UsageError("stages needs --folder")
+    threads = _THREADS.value or 1
+    rows = stage_costs(
+        _FOLDER.value, threads, _LIMIT.value, _IMAGE_SIZE.value or 224, max(1, _ROUNDS.value)
+    )
+    print(f"| stage | CPU ms per image ({threads} thread(s)) |\n| --- | --- |")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.3f} |")
+    print(f"load_avg={os.getloadavg()[0]:.1f}")
+    _report(
+        mode="stages",
+        threads=threads,
+        **{
+            re.sub(r"\W+", "_", name.split(" (")[0].split(":")[0]).strip("_").lower(): ms
+            for name, ms in rows
+        },
+        cpu_ms_per_pair=sum(ms for _, ms in rows),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# threads: the pipeline's scaling over cores
+
+
+def run_threads() -> None:
+    if not _FOLDER.value:
+        raise app.UsageError("threads needs --folder")
+    counts = sorted({1, 2, os.cpu_count() or 1})
+    me = [sys.executable, os.path.abspath(__file__), "pipeline", f"--folder={_FOLDER.value}"]
+    me += [f"--photometric={_PHOTOMETRIC.value}", f"--recipe={_RECIPE.value}"]
+    me += [f"--image_size={_IMAGE_SIZE.value or 224}", f"--batch={_BATCH.value or 64}"]
+    me += [f"--limit={_LIMIT.value}", f"--intra_op_threads={_INTRA_OP.value}"]
+    rates = {n: [] for n in counts}
+    for r in range(_ROUNDS.value):
+        for n in counts:  # alternating, so that a change of load hits every count alike
+            value, cpu, last = _run_child(me + [f"--threads={n}"], "pairs_per_s")
+            rates[n].append(value)
+            print(
+                f"round {r + 1} threads={n}: load_avg={os.getloadavg()[0]:.1f} | {last}", flush=True
+            )
+    med = {n: statistics.median(v) for n, v in rates.items()}
+    for n in counts:
+        print(f"threads={n}: {med[n]:.1f} pairs/s, {med[n] / med[1]:.2f}x the 1-thread rate")
+    _report(
+        mode="threads",
+        photometric=_PHOTOMETRIC.value,
+        **{f"pairs_per_s_{n}": med[n] for n in counts},
+        **{f"speedup_{n}": med[n] / med[1] for n in counts if n > 1},
     )
 
 
@@ -286,6 +457,8 @@ def run_step() -> None:
 
 def run_fit() -> None:
     _limit_threads(_THREADS.value)
+    import tensorflow as tf
+
     from simsiam_tf import data
 
     if not _FOLDER.value:
@@ -298,12 +471,15 @@ def run_fit() -> None:
     config.data.threads = _THREADS.value
     source = data.load_source(f"folder:{_FOLDER.value}", "train", max_examples=_LIMIT.value)
     pipeline = data.pretrain_dataset(source, config.data, config.aug, batch, seed=0)
-    # The same step on a batch already in memory: what the step costs without any input wait.
-    compute, _ = _fit_seconds_per_step(net, _synthetic(config, batch), warmup, steps)
+    # The same step on the same batches, made by the pipeline beforehand and held in memory:
+    # what the steps cost without any input wait.
+    made = list(pipeline.take(warmup + steps))
+    compute, _ = _fit_seconds_per_step(net, tf.data.experimental.from_list(made), warmup, steps)
+    del made
     end_to_end, cores = _fit_seconds_per_step(net, pipeline, warmup, steps)
     wait = max(0.0, 1.0 - compute / end_to_end)
     print(
-        f"step_s_synthetic={compute:.3f} step_s_pipeline={end_to_end:.3f} "
+        f"step_s_in_memory={compute:.3f} step_s_pipeline={end_to_end:.3f} "
         f"load_avg={os.getloadavg()[0]:.1f}"
     )
     _report(
@@ -314,6 +490,8 @@ def run_fit() -> None:
         batch=batch,
         threads=_THREADS.value,
         cores_used=cores,
+        step_s_in_memory=compute,
+        step_s_pipeline=end_to_end,
         input_wait_share=wait,
         peak_rss_mb=_peak_rss_mb(),
         pairs_per_s=batch / end_to_end,
@@ -480,6 +658,7 @@ def run_compare() -> None:
             f"--image_size={_IMAGE_SIZE.value or 224}",
             f"--batch={_BATCH.value or 64}",
             f"--limit={_LIMIT.value}",
+            f"--intra_op_threads={_INTRA_OP.value}",
         ]
         ref = [
             _TORCH_PYTHON.value,
@@ -545,6 +724,8 @@ def main(argv):
         raise app.UsageError(f"usage: benchmark.py {{{'|'.join(MODES)}}} [--flags]")
     modes = dict(
         pipeline=run_pipeline,
+        stages=run_stages,
+        threads=run_threads,
         step=run_step,
         fit=run_fit,
         startup=run_startup,
