@@ -50,6 +50,12 @@ def default_config() -> ml_collections.ConfigDict:
         image_size=32,
         photometric="cpu",  # "device": colour/blur run in the train step on the accelerator
         threads=0,  # tf.data threads; 0: one per core
+        # TensorFlow's intra-op threads for the whole process. -1 (auto): 1 when training on
+        # GPUs or a TPU, so that no op of one example (the oneDNN matmuls of the crop and the
+        # blur) splits over the cores on which tf.data already runs an example each; it did,
+        # and 2 cores gave 1.27x the pairs of 1 (docs/PERFORMANCE.md). On the CPU alone the
+        # step's convolutions need the pool: TensorFlow's default (all cores). N > 0: N.
+        intra_op_threads=-1,
         # Streamed sources (TFDS sets too large for memory, TFRecords) only: examples mix through
         # a buffer this wide, seeded per epoch, after a per-epoch shard order. Others are fully
         # permuted every epoch.

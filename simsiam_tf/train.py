@@ -218,6 +218,7 @@ def train(
         raise ConfigError(f"--workdir={workdir} is a file; give a directory (created if missing)")
     # The strategy first: validation builds the augmentation layers, which starts TensorFlow,
     # and the CPU can only be split (train.cpu_devices) before that.
+    distribute.set_intra_op_threads(config.data.get("intra_op_threads", -1), config.train.tpu)
     strategy = distribute.make_strategy(config.train.cpu_devices, config.train.tpu)
     config_lib.validate(config, strategy.num_replicas_in_sync)
     keras.mixed_precision.set_global_policy(config.train.precision)

@@ -7,7 +7,7 @@ import tensorflow as tf
 from simsiam_tf import config as config_lib
 from simsiam_tf import distribute, optim
 from simsiam_tf.config import default_config
-from tests.helpers import bn_free_simsiam, random_views
+from tests.helpers import bn_free_simsiam, random_views, run_python
 
 
 def _train_one_step(strategy, data, steps=2):
@@ -72,3 +72,26 @@ def test_knn_features_under_two_replicas_have_one_row_per_image(two_replicas):
     ref, _ = knn.extract_features(plain, ds)
     assert feats.shape == (10, 3) and list(labels) == list(range(10))
     np.testing.assert_allclose(feats, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_intra_op_threads_auto_is_one_beside_an_accelerator_and_the_default_without():
+    """data.intra_op_threads: -1 gives 1 with a TPU (or GPUs) and leaves TensorFlow's default
+    on the CPU alone; N is applied before the runtime starts; below -1 is a config error. In
+    fresh processes: the pool can only be set before TensorFlow starts."""
+    code = (
+        "import sys, tensorflow as tf\n"
+        "from simsiam_tf import distribute\n"
+        "args = eval(sys.argv[1])\n"
+        "print(distribute.set_intra_op_threads(*args),"
+        " tf.config.threading.get_intra_op_parallelism_threads())\n"
+    )
+    seen = {}
+    for args in ((-1,), (-1, "grpc://10.0.0.1:8470"), (3,)):
+        proc = run_python("-c", code, repr(args))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seen[args] = proc.stdout.split()[-2:]
+    assert seen[(-1,)] == ["0", "0"]  # no GPU here: TensorFlow's default pool
+    assert seen[(-1, "grpc://10.0.0.1:8470")] == ["1", "1"]
+    assert seen[(3,)] == ["3", "3"]
+    with pytest.raises(config_lib.ConfigError, match="data.intra_op_threads=-2"):
+        distribute.set_intra_op_threads(-2)
