@@ -493,8 +493,8 @@ def decode_rgb(encoded: tf.Tensor, ratio: int = 1) -> tf.Tensor:
     taking it), and every `tf.cond` costs as an op. So a JPEG's orientation is read without
     branches (the leading-segment walk and the tag read; any bytes give 1-8), the JPEG is
     decoded by libjpeg alone and turned by `orient` without branches, and the branch for the
-    other formats is a few ops: 2.0-2.2 ms of CPU per camera-like file before, about 1.2 now
-    (docs/PERFORMANCE.md)."""
+    other formats is a few ops: 2.0-2.2 ms of CPU per camera-like file before, 1.3-1.4 now,
+    in a sequential map (docs/PERFORMANCE.md)."""
     if ratio not in _DCT_RATIOS:
         raise ValueError(f"ratio={ratio}: libjpeg scales by one of {_DCT_RATIOS}")
     encoded = tf.convert_to_tensor(encoded, tf.string)
