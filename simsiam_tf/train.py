@@ -57,6 +57,7 @@ COSMETIC_KEYS = frozenset(
         "train.deterministic",
         "train.tpu",
         "data.threads",
+        "data.intra_op_threads",
         "data.check_images",
         "data.image_check",
         "data.strict",
