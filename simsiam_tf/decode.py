@@ -357,12 +357,15 @@ def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     orientation (the identity permutation and no axes for 1, which pass the image through), so
     that a graph pays no `tf.cond` per image."""
     orientation = tf.cast(orientation, tf.int32)
+    channels = image.shape[-1]
     perm = tf.where(orientation >= 5, tf.constant([1, 0, 2]), tf.constant([0, 1, 2]))
     image = tf.transpose(image, perm)
     upside_down = tf.reduce_any(tf.equal(orientation, (3, 4, 7, 8)))
     mirror = tf.reduce_any(tf.equal(orientation, (2, 3, 6, 7)))
     axes = tf.boolean_mask(tf.constant([0, 1]), tf.stack([upside_down, mirror]))
-    return tf.reverse(image, axes)
+    turned = tf.reverse(image, axes)
+    turned.set_shape([None, None, channels])  # the permutation keeps the channels last
+    return turned
 
 
 def _shown_region(image, orientation, window_fn):

@@ -331,3 +331,11 @@ def test_decode_rgb_gives_the_general_decoders_pixels_for_every_kind_of_file():
     rgba = decode.decode_rgb(images["png rgba"]).numpy().astype(int)
     expected = np.round(PIXELS * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255))
     assert np.abs(rgba - expected).max() <= 1
+
+
+def test_decode_rgb_keeps_three_channels_in_its_static_shape():
+    """Traced with an unknown file, decode_rgb's output is known to have 3 channels (the
+    pipeline builds fixed-shape zeros from its views' shapes)."""
+    spec = tf.TensorSpec([], tf.string)
+    assert tf.function(decode.decode_rgb).get_concrete_function(spec).output_shapes[-1] == 3
+    assert decode.orient(tf.zeros([5, 7, 3], tf.uint8), tf.constant(6)).shape.as_list() == [7, 5, 3]

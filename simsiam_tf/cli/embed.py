@@ -131,7 +131,10 @@ def _message(err: Exception) -> str:
 
 
 # TensorFlow's annotations of an op error: the graph node and function that raised it.
-_GRAPH_NOTES = re.compile(r"\[\[\{\{.*?\}\}\]\]|\{\{(function_)?node [^}]*\}\}|\[Op:[^\]]*\]")
+# Graph nodes, and an eager op's "[Op:Name] name: ..." suffix.
+_GRAPH_NOTES = re.compile(
+    r"\[\[\{\{.*?\}\}\]\]|\{\{(function_)?node [^}]*\}\}|\[Op:[^\]]*\]( name:\s*\S*)?"
+)
 
 # The traceback of the Python code that defined the failing op, which graph errors carry.
 _TRACE_LINE = re.compile(r"Graph execution error|Detected at node|File \"")
