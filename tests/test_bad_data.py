@@ -125,6 +125,7 @@ TRAIN_FLAGS = [
 ]
 
 
+@pytest.mark.slow  # 70 s: train, then both evaluation tools (make test-slow)
 def test_train_and_eval_tools_on_the_messy_folder(messy_folder, tmp_path):
     """A labelled folder without test/, with broken files: training holds out a recorded split
     and scores kNN on it; eval_knn, eval_linear and plot use that very split, skip and name the

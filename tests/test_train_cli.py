@@ -145,6 +145,7 @@ def test_a_config_mistake_is_one_line_naming_the_fix(tmp_path, mistake, expected
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
+@pytest.mark.slow  # 28 s: a 2-replica training run through the tool (make test-slow)
 def test_cpu_devices_from_the_command_line_and_a_clean_redirected_log(tmp_path):
     workdir = tmp_path / "two_cpus"
     proc = _tool(
