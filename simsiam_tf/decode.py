@@ -388,6 +388,14 @@ def _shown_region(image, orientation, window_fn):
     return orient(image[top : top + rh, left : left + rw], orientation)
 
 
+def _blend(rgba: tf.Tensor) -> tf.Tensor:
+    """uint8 ...x4 -> ...x3 over ALPHA_BACKGROUND, exactly (see `composite`)."""
+    rgb = tf.cast(rgba[..., :3], tf.uint16)
+    alpha = tf.cast(rgba[..., 3:], tf.uint16)
+    out = (rgb - ALPHA_BACKGROUND) * alpha + (ALPHA_BACKGROUND * 255 + 127)
+    return tf.cast(out // 255, tf.uint8)
+
+
 def composite(rgba: tf.Tensor, window=None) -> tf.Tensor:
     """uint8 HxWx4 -> HxWx3 over ALPHA_BACKGROUND, round(rgb x a + background x (1 - a))
     exactly; opaque pixels keep their values. With window (top, left, height, width), only that
@@ -403,17 +411,11 @@ def composite(rgba: tf.Tensor, window=None) -> tf.Tensor:
     else:
         top, left, height, width = window
 
-    def blend(block):
-        rgb = tf.cast(block[..., :3], tf.uint16)
-        alpha = tf.cast(block[..., 3:], tf.uint16)
-        out = (rgb - ALPHA_BACKGROUND) * alpha + (ALPHA_BACKGROUND * 255 + 127)
-        return tf.cast(out // 255, tf.uint8)
-
     def blend_all():
         def step(i, parts):
             start = top + i * rows
             stop = top + tf.minimum((i + 1) * rows, height)
-            return i + 1, parts.write(i, blend(rgba[start:stop, left : left + width]))
+            return i + 1, parts.write(i, _blend(rgba[start:stop, left : left + width]))
 
         blocks = (height + rows - 1) // rows
         parts = tf.TensorArray(tf.uint8, size=blocks, infer_shape=False)
@@ -463,24 +465,15 @@ def _decode(encoded, ratio_fn, window_fn) -> tf.Tensor:
     return image
 
 
-def _composite_whole(rgba: tf.Tensor) -> tf.Tensor:
-    """`composite(rgba)` in one pass and without branches: the same values (an opaque pixel,
-    alpha 255, keeps its own), in uint16 copies of the whole image (training's images are
-    small next to what serving bounds `composite`'s blocks for)."""
-    rgb = tf.cast(rgba[..., :3], tf.uint16)
-    alpha = tf.cast(rgba[..., 3:], tf.uint16)
-    return tf.cast(
-        ((rgb - ALPHA_BACKGROUND) * alpha + (ALPHA_BACKGROUND * 255 + 127)) // 255, tf.uint8
-    )
-
-
 def _decode_not_jpeg(encoded: tf.Tensor) -> tf.Tensor:
     """A PNG (transparency composited) or whatever tf.io.decode_image reads (GIF first frame,
     BMP), uint8 RGB: a few ops, which a graph also runs (on dead tensors) for every JPEG."""
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_MAGIC)), PNG_MAGIC)
     return tf.cond(
         is_png,
-        lambda: _composite_whole(tf.io.decode_png(encoded, channels=4)),
+        # `composite` in one pass without branches (an opaque pixel keeps its own value): the
+        # uint16 copies of a whole training image, which serving bounds with blocks.
+        lambda: _blend(tf.io.decode_png(encoded, channels=4)),
         lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
     )
 
