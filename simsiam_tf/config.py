@@ -32,7 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
         # The type BatchNorm adds its batch sums in: "auto" = float64 for a float32 model
         # (torch's CPU kernels sum in double; make parity bounds float32 by the official
         # float32), float32 under mixed precision and on TPUs; "float32" is cuDNN's choice
-        # and a faster BN step (docs/FIDELITY.md, docs/PERFORMANCE.md).
+        # and a faster BN step; "fused" is TensorFlow's fused BN kernel, the fastest step and
+        # the fewest digits (docs/FIDELITY.md, docs/PERFORMANCE.md).
         bn_sums="auto",
         proj_dim=2048,
         proj_hidden=2048,

@@ -77,20 +77,29 @@ def test_a_step_runs_with_a_finite_float32_loss(precision, jit, photometric):
         assert isinstance(net.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
-def test_synchronized_simsiam_batchnorm_step_is_the_global_batch_step(two_replicas):
+@pytest.mark.parametrize(
+    "dtype,sum_dtype,tol", [("float64", "auto", 1e-12), ("float32", "fused", 2e-4)]
+)
+def test_synchronized_simsiam_batchnorm_step_is_the_global_batch_step(
+    two_replicas, dtype, sum_dtype, tol
+):
     """model.BatchNorm(synchronized=True) on 2 replicas, each with half of a batch whose halves
     differ: outputs, input gradients and moving statistics are those of one BN over the whole
     batch, and gamma's and beta's gradients, added over the replicas as the optimiser adds
-    them, are the whole batch's (float64, to 1e-12)."""
+    them, are the whole batch's (float64, to 1e-12). bn_sums="fused" has no synchronised
+    kernel: the synchronised layer takes the two-pass float32 step instead (float32)."""
     from simsiam_tf import model
 
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (4, 3, 3, 5)), rng.normal(5, 3, (4, 3, 3, 5))])
     dy = rng.normal(0, 1, x.shape)
     gamma = rng.uniform(0.5, 1.5, 5)
+    x, dy = x.astype(dtype), dy.astype(dtype)
 
     def layer(synchronized):
-        bn = model.BatchNorm(synchronized=synchronized, momentum=0.5, epsilon=1e-5, dtype="float64")
+        bn = model.BatchNorm(
+            synchronized=synchronized, momentum=0.5, epsilon=1e-5, dtype=dtype, sum_dtype=sum_dtype
+        )
         bn.build((None, 3, 3, 5))
         bn.gamma.assign(gamma)
         return bn
@@ -111,11 +120,11 @@ def test_synchronized_simsiam_batchnorm_step_is_the_global_batch_step(two_replic
     )
     out = two_replicas.run(lambda b: step(bn, *b), args=(next(iter(dist)),))
     parts = [[t.numpy() for t in two_replicas.experimental_local_results(o)] for o in out]
-    np.testing.assert_allclose(np.concatenate(parts[0]), want[0], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(np.concatenate(parts[1]), want[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate(parts[0]), want[0], rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.concatenate(parts[1]), want[1], rtol=tol, atol=tol)
     for got, expected in zip(parts[2:], want[2:]):
-        np.testing.assert_allclose(sum(got), expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(sum(got), expected, rtol=tol, atol=tol)
     for name in ("moving_mean", "moving_variance"):
         np.testing.assert_allclose(
-            getattr(bn, name).numpy(), getattr(want_bn, name).numpy(), rtol=1e-12
+            getattr(bn, name).numpy(), getattr(want_bn, name).numpy(), rtol=tol
         )
