@@ -10,10 +10,15 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERAS_BACKEND"] = "tensorflow"
-# Unpacked archives and image-check verdicts go to a cache of this test session, never to the
-# user's ~/.cache (subprocesses inherit it).
-os.environ["SIMSIAM_TF_CACHE"] = tempfile.mkdtemp(prefix="simsiam-tf-test-cache-")
-atexit.register(shutil.rmtree, os.environ["SIMSIAM_TF_CACHE"], ignore_errors=True)
+# Everything a test session writes goes under one directory of its own, removed at exit:
+# pytest's tmp_path, the temporary files of libraries (TFDS leaves an empty tmp*tfds directory
+# per dataset builder) and of subprocesses (they inherit TMPDIR). Unpacked archives and
+# image-check verdicts go to a cache in it, never to the user's ~/.cache.
+_SESSION_TMP = tempfile.mkdtemp(prefix="simsiam-tf-test-")
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+os.environ["SIMSIAM_TF_CACHE"] = os.path.join(_SESSION_TMP, "cache")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
