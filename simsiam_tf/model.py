@@ -92,18 +92,20 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     `sum_dtype` is the type of those sums: "float64" (torch's CPU kernels accumulate in double),
     "float32" (as cuDNN does; the BN step is then 1.5-1.8x faster on the CPU than Keras' own,
-    and about 1.6x faster than with float64 sums: docs/PERFORMANCE.md), "auto": float64 for a
-    float32 layer, except under a TPUStrategy (no float64), and float32 under mixed precision;
-    never narrower than the layer's own type (a float64 model sums in float64 whatever is
-    set). Or "fused": TensorFlow's fused kernel (FusedBatchNormV3 and its gradient: oneDNN on
-    the CPU, cuDNN on a GPU) for float32 layers that are not synchronised over replicas (those
-    take the "float32" step). The fastest step (a ResNet-18 CIFAR step 10% faster than with
-    "float32"), at the kernel's float32 digits: on activations whose mean is large against
-    their spread, dgamma is about 13x further from float64 than with "float32" sums, though
-    still closer than Keras' own BN (tests/test_model.py). The products (dy * x_hat, squares) are
-    float32 in every case; only the additions are widened. The mean is the corrected two-pass
-    one (the rounding of the first pass's mean taken out again), so x - mean keeps the digits
-    of the spread of x however large the mean.
+    and about 1.6x faster than with float64 sums: docs/PERFORMANCE.md), or "auto": float64 for
+    a float32 layer, except under a TPUStrategy (no float64), and float32 under mixed
+    precision; never narrower than the layer's own type (a float64 model sums in float64
+    whatever is set). The products (dy * x_hat, squares) are float32 in every case; only the
+    additions are widened. The mean is the corrected two-pass one (the rounding of the first
+    pass's mean taken out again), so x - mean keeps the digits of the spread of x however
+    large the mean.
+
+    `sum_dtype="fused"` instead runs TensorFlow's fused kernel (FusedBatchNormV3 and its
+    gradient: oneDNN on the CPU, cuDNN on a GPU) on float32, channels-last, 2-D or 4-D inputs
+    of a layer not synchronised over replicas; any other call takes the "float32" step. It is
+    the fastest step (a ResNet-18 CIFAR step 10% faster than with "float32"), at the kernel's
+    digits: where the mean is large against the spread, dgamma is about 13x further from
+    float64 than with "float32" sums, though closer than Keras' own BN (tests/test_model.py).
     """
 
     SUM_DTYPES = ("auto", "float32", "float64", "fused")
@@ -119,7 +121,7 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     def accumulation_dtype(self):
         """The dtype the batch sums of a training step add in (see `sum_dtype`)."""
-        if self.sum_dtype == "fused":  # where the fused kernel cannot run (synchronised BN)
+        if self.sum_dtype == "fused":  # where the fused kernel cannot run (see `_fusable`)
             return tf.float32
         if self.sum_dtype != "auto":
             return tf.as_dtype(self.sum_dtype)
@@ -140,8 +142,8 @@ class BatchNorm(keras.layers.BatchNormalization):
         ctx = tf.distribute.get_replica_context() if self.synchronized else None
         if ctx is not None and ctx.num_replicas_in_sync == 1:
             ctx = None
-        if self.sum_dtype == "fused" and ctx is None and x.dtype == tf.float32:
-            outputs, mean, unbiased = _fused_normalize(x, gamma, beta, self.axis, self.epsilon)
+        if self.sum_dtype == "fused" and ctx is None and _fusable(x, self.axis):
+            outputs, mean, unbiased = _fused_normalize(x, gamma, beta, self.epsilon)
             self._update_moving(mean, unbiased, x.dtype)
             return tf.cast(outputs, self.compute_dtype)
         outputs, mean, variance, count = _normalize(
@@ -189,22 +191,25 @@ def _batch_sum(x, axes, dtype=None):
     return tf.cast(x, out_dtype)
 
 
-def _fused_normalize(x, gamma, beta, axis, epsilon):
-    """Training-mode batch normalisation by TensorFlow's fused kernel (oneDNN on the CPU, cuDNN
-    on a GPU), channels last, for 2-D and 4-D float32 x: (outputs, batch mean, unbiased batch
-    variance), the last two without gradient. Its forward and backward passes are one kernel
-    each; its sums add in float32 in the kernel's own order."""
+def _fusable(x, axis) -> bool:
+    """Whether TensorFlow's fused BN kernel takes x: float32, 2-D or 4-D, channels last."""
+    rank = len(x.shape)
+    return x.dtype == tf.float32 and rank in (2, 4) and axis in (-1, rank - 1)
+
+
+def _fused_normalize(x, gamma, beta, epsilon):
+    """Training-mode batch normalisation of a `_fusable` x by TensorFlow's fused kernel (oneDNN
+    on the CPU, cuDNN on a GPU): (outputs, batch mean, unbiased batch variance), the last two
+    without gradient. Forward and backward are one kernel each; the sums add in float32 in the
+    kernel's own order. 2-D x goes through it as N x 1 x 1 x C."""
     channels = x.shape[-1]
-    if axis not in (-1, len(x.shape) - 1) or len(x.shape) not in (2, 4):
-        raise ValueError(f"bn_sums='fused' needs channels-last 2-D or 4-D inputs, got {x.shape}")
     x4 = x if len(x.shape) == 4 else tf.reshape(x, (-1, 1, 1, channels))
     gamma = tf.ones((channels,), x.dtype) if gamma is None else tf.reshape(gamma, (channels,))
     beta = tf.zeros((channels,), x.dtype) if beta is None else tf.reshape(beta, (channels,))
     outputs, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
         x4, gamma, beta, epsilon=epsilon, is_training=True
     )
-    outputs = tf.reshape(outputs, tf.shape(x))
-    return outputs, tf.stop_gradient(mean), tf.stop_gradient(unbiased)
+    return tf.reshape(outputs, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(unbiased)
 
 
 def _normalize(x, gamma, beta, *, axes, epsilon, ctx=None, sum_dtype=None):

@@ -283,7 +283,8 @@ def test_batchnorm_fused_is_the_same_step_with_the_fused_kernels_digits():
     same step and the same moving statistics as the two-pass float32 step, to float32 rounding
     on well-centred data; on conv activations whose mean is 60x their spread it keeps fewer
     digits (measured: dgamma 2.9e-5 from float64, against 2.2e-6 for float32 sums and 6.4e-5
-    for Keras' BN); 2-D head inputs go through it as N x 1 x 1 x C."""
+    for Keras' BN); 2-D head inputs go through it as N x 1 x 1 x C, and a 3-D input, which it
+    does not take, gets the float32 step."""
     rng = np.random.default_rng(2)
     gamma = rng.uniform(0.5, 1.5, 16)
     for shape in ((32, 8, 8, 16), (64, 16)):
@@ -313,6 +314,15 @@ def test_batchnorm_fused_is_the_same_step_with_the_fused_kernels_digits():
     assert 2.0 * two_pass["dgamma"] < fused["dgamma"] < 1e-4, (fused, two_pass)
     assert fused["dx"] < 2e-6 and fused["y"] < 1e-4, fused
     assert model.BatchNorm(sum_dtype="fused").accumulation_dtype() == tf.float32
+    # A 3-D input has no fused kernel: it takes the float32 step, to the bit.
+    x3 = rng.normal(2.0, 1.0, (8, 5, 16)).astype(np.float32)
+    steps = []
+    for sum_dtype in ("float32", "fused"):
+        bn = model.BatchNorm(momentum=0.9, epsilon=1e-5, sum_dtype=sum_dtype)
+        bn.build((None, 5, 16))
+        steps.append(_bn_step(bn, x3, x3[::-1]))
+    for a, b in zip(*steps):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_batchnorm_sum_dtype_choices():
