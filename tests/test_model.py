@@ -211,9 +211,10 @@ def _textbook_bn(dtype, gamma):
     return Layer()
 
 
-def _bn(dtype, gamma, sum_dtype="auto"):
+def _bn(dtype, gamma, sum_dtype="auto", shape=(8, 8)):
+    """A built model.BatchNorm for inputs N x *shape x len(gamma), gamma set, beta 0.25."""
     bn = model.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype, sum_dtype=sum_dtype)
-    bn.build((None, 8, 8, len(gamma)))
+    bn.build((None, *shape, len(gamma)))
     bn.gamma.assign(gamma.astype(dtype))
     bn.beta.assign(np.full_like(gamma, 0.25).astype(dtype))
     return bn
@@ -292,9 +293,7 @@ def test_batchnorm_fused_is_the_same_step_with_the_fused_kernels_digits():
         dy = rng.normal(0.0, 1.0, shape).astype(np.float32)
         layers = {}
         for sum_dtype in ("float32", "fused"):
-            bn = model.BatchNorm(momentum=0.9, epsilon=1e-5, sum_dtype=sum_dtype)
-            bn.build((None,) + shape[1:])
-            bn.gamma.assign(gamma.astype(np.float32))
+            bn = _bn("float32", gamma, sum_dtype, shape=shape[1:-1])
             layers[sum_dtype] = (bn, _bn_step(bn, x, dy))
         (two_pass, want), (fused, got) = layers["float32"], layers["fused"]
         for name, a, b in zip(("y", "dx", "dgamma", "dbeta"), got, want):
@@ -316,11 +315,9 @@ def test_batchnorm_fused_is_the_same_step_with_the_fused_kernels_digits():
     assert model.BatchNorm(sum_dtype="fused").accumulation_dtype() == tf.float32
     # A 3-D input has no fused kernel: it takes the float32 step, to the bit.
     x3 = rng.normal(2.0, 1.0, (8, 5, 16)).astype(np.float32)
-    steps = []
-    for sum_dtype in ("float32", "fused"):
-        bn = model.BatchNorm(momentum=0.9, epsilon=1e-5, sum_dtype=sum_dtype)
-        bn.build((None, 5, 16))
-        steps.append(_bn_step(bn, x3, x3[::-1]))
+    steps = [
+        _bn_step(_bn("float32", gamma, d, shape=(5,)), x3, x3[::-1]) for d in ("float32", "fused")
+    ]
     for a, b in zip(*steps):
         np.testing.assert_array_equal(a, b)
 
