@@ -55,6 +55,7 @@ import keras
 import keras_cv
 import tensorflow as tf
 
+from simsiam_tf import native
 from simsiam_tf.errors import ConfigError
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -463,16 +464,35 @@ class RecipeLayer(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
     Subclasses implement `sample(seed, n, images)` (a dict of per-image parameters with leading
     dim n), `augment_batch(images, params)` and `augment_one(image, params)` (one HxWxC image,
     its parameters as scalars). `geometric` layers stay in tf.data in device mode.
+
+    kernels: what the per-image kernel of a layer that has a native one (the crop, the colour
+    jitter) runs: "auto" (the C++ kernels of `simsiam_tf.native` where built, else stock
+    TensorFlow ops), "native" (ConfigError here when they are not built), "tf" (stock ops).
+    The same results to float rounding; the batched kernels are stock ops whatever is set.
     """
 
     geometric = False
 
-    def __init__(self, seed=None, **kwargs):
+    def __init__(self, seed=None, kernels="auto", **kwargs):
         # float32 whatever the global (mixed) precision policy: the kernels and the parameters
         # are float32, and colour ops in float16 would be coarser than the uint8 views.
         kwargs.setdefault("dtype", "float32")
         super().__init__(seed=seed, **kwargs)
         self._call_inputs = threading.local()
+        if kernels not in native.KERNELS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {native.KERNELS}")
+        self.kernels = kernels
+        if kernels == "native":
+            native.ops(kernels)  # not built: a ConfigError now, not at the first example
+
+    def _native(self):
+        """The native op library for the per-image kernel, or None for stock ops."""
+        return native.ops(self.kernels)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(kernels=self.kernels)
+        return config
 
     def sample(self, seed, n, images=None) -> dict:
         raise NotImplementedError
@@ -550,6 +570,10 @@ class RandomResizedCrop(RecipeLayer):
         return batch_crop_resize(images, self._window(params), no_flip, self.size, self.rescale)
 
     def augment_one(self, image, params):
+        ops = self._native()
+        if ops is not None and image.dtype == tf.uint8 and image.shape[-1] == 3:
+            window = tf.cast(tf.stack(self._window(params)), tf.int32)
+            return ops.simsiam_resize_crop(image, window, size=self.size, gain=self.rescale)
         view = resize_crop(image, self._window(params), False, self.size, self.rescale)
         return tf.transpose(view, (1, 0, 2))
 
@@ -610,7 +634,14 @@ class ColorJitter(RecipeLayer):
         return color_jitter(images, params)
 
     def augment_one(self, image, params):
+        ops = self._native()
+
         def jitter():
+            if ops is not None and image.dtype == tf.float32 and image.shape[-1] == 3:
+                factors = tf.stack(
+                    [params[k] for k in ("brightness", "contrast", "saturation", "hue")]
+                )
+                return ops.simsiam_color_jitter(image, params["order"], factors, hue=self.hue > 0)
             planar = tf.transpose(image, (2, 0, 1))
             return tf.transpose(_jitter_planar(planar, params, self.hue > 0), (1, 2, 0))
 
@@ -791,13 +822,18 @@ def recipe_layers(aug_config, image_size: int) -> list:
     """(text, layer) pairs: the recipe of `aug_config` (or the layers of its `recipe` string),
     then its `extra` layers. Ops with probability 0 are left out."""
     a = aug_config
+    kernels = a.get("kernels", "auto")
     if a.get("recipe"):
         layers = parse_layers(a.recipe, "aug.recipe")
     else:
         layers = []
         for layer in (
-            RandomResizedCrop(image_size, a.crop_scale, a.crop_ratio, rescale=1.0 / 255.0),
-            ColorJitter(a.brightness, a.contrast, a.saturation, a.hue, a.jitter_prob),
+            RandomResizedCrop(
+                image_size, a.crop_scale, a.crop_ratio, rescale=1.0 / 255.0, kernels=kernels
+            ),
+            ColorJitter(
+                a.brightness, a.contrast, a.saturation, a.hue, a.jitter_prob, kernels=kernels
+            ),
             RandomGrayscale(a.grayscale_prob),
             GaussianBlur(a.blur_prob, a.blur_sigma),
             HorizontalFlip(a.flip_prob),

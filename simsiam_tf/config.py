@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from simsiam_tf import augment, data, imagecheck, model
+from simsiam_tf import augment, data, imagecheck, model, native
 from simsiam_tf.errors import ConfigError
 
 PHOTOMETRIC = ("cpu", "device")
@@ -90,6 +90,10 @@ def default_config() -> ml_collections.ConfigDict:
         # `extra` runs after the recipe, `recipe` replaces it (see simsiam_tf/augment.py).
         recipe="",
         extra="",
+        # The per-image crop and colour jitter in tf.data: "auto" runs the C++ kernels of
+        # simsiam_tf/native.py where built (make install builds them), else stock TensorFlow
+        # ops; "native" requires them; "tf" never uses them. Same results to float rounding.
+        kernels="auto",
     )
 
     c.optim = dict(
@@ -207,6 +211,8 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         _fail("aug.hue", a.hue, "must be in [0, 0.5] (torchvision ColorJitter)")
     if not 0 < a.blur_sigma[0] <= a.blur_sigma[1]:
         _fail("aug.blur_sigma", a.blur_sigma, "needs 0 < min <= max")
+    if a.get("kernels", "auto") not in native.KERNELS:
+        _fail("aug.kernels", a.kernels, f"choose one of {native.KERNELS}")
     augment.TwoViewRecipe(a, d.image_size, d.photometric)  # names, arguments, device split
     if o.batch_size < 1:
         _fail("optim.batch_size", o.batch_size, "must be a positive integer")
