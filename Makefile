@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 REQUIREMENTS ?= requirements.txt
 STAMP := $(VENV)/.installed-$(notdir $(REQUIREMENTS))
+KERNELS_STAMP := $(VENV)/.built-kernels
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install install-gpu quickstart test test-slow test-all lint format clean check-gpu \
 	test-import-torch parity
 
-install: $(STAMP)
+install: $(STAMP) $(KERNELS_STAMP)
 
 $(STAMP): $(REQUIREMENTS) requirements-common.txt requirements-serving.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,15 @@ $(STAMP): $(REQUIREMENTS) requirements-common.txt requirements-serving.txt pypro
 	$(PY) -m pip install --quiet --no-deps -r requirements-serving.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
+
+# The pipeline's C++ kernels (simsiam_tf/native.py), about 25 s of g++. Without a compiler the
+# install goes on and the pipeline runs on stock TensorFlow ops (aug.kernels="auto").
+$(KERNELS_STAMP): simsiam_tf/kernels/augment_ops.cc $(STAMP)
+	$(PY) -m simsiam_tf.native --force || echo "warning: native kernels not built; the pipeline runs on stock TensorFlow ops"
+	touch $@
+
+.PHONY: kernels
+kernels: $(KERNELS_STAMP)
 
 install-gpu:
 	$(MAKE) install REQUIREMENTS=requirements-gpu.txt
