@@ -76,6 +76,12 @@ _INTRA_OP = flags.DEFINE_integer(
     1,
     "pipeline, stages, threads: TensorFlow's intra-op threads (-1: as --threads; 0: all cores).",
 )
+_KERNELS = flags.DEFINE_enum(
+    "kernels",
+    "auto",
+    ["auto", "native", "tf"],
+    "pipeline, stages, threads, compare: the per-image kernels (config.aug.kernels).",
+)
 _BATCH = flags.DEFINE_integer("batch", 0, "Batch (0: 64 for pipeline, 128 for step and fit).")
 _LIMIT = flags.DEFINE_integer("limit", 1024, "Use at most this many files of the folder.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed batches or steps first.")
@@ -164,6 +170,7 @@ def run_pipeline() -> None:
     if not _FOLDER.value:
         raise app.UsageError("pipeline needs --folder")
     config = _recipe(RECIPES[_RECIPE.value])
+    config.aug.kernels = _KERNELS.value
     d = config.data
     d.image_size = _IMAGE_SIZE.value or d.image_size
     d.photometric = _PHOTOMETRIC.value
@@ -225,7 +232,12 @@ def _cpu_ms_per_image(dataset) -> float:
 
 
 def stage_costs(
-    folder: str, threads: int = 1, limit: int = 512, image_size: int = 224, rounds: int = 3
+    folder: str,
+    threads: int = 1,
+    limit: int = 512,
+    image_size: int = 224,
+    rounds: int = 3,
+    kernels: str = "auto",
 ) -> list:
     """[(stage, CPU ms per image)]: the whole-recipe pipeline of configs/imagenet_resnet50.py
     built up one stage at a time on the files of `folder` (at most `limit`), each prefix timed
@@ -241,6 +253,7 @@ def stage_costs(
     from simsiam_tf import augment, data, decode
 
     config = _recipe(RECIPES["imagenet"])
+    config.aug.kernels = kernels
     config.data.image_size = image_size
     config.data.photometric = "cpu"
     config.data.threads = threads
@@ -307,7 +320,12 @@ def run_stages() -> None:
         raise app.UsageError("stages needs --folder")
     threads = _THREADS.value or 1
     rows = stage_costs(
-        _FOLDER.value, threads, _LIMIT.value, _IMAGE_SIZE.value or 224, max(1, _ROUNDS.value)
+        _FOLDER.value,
+        threads,
+        _LIMIT.value,
+        _IMAGE_SIZE.value or 224,
+        max(1, _ROUNDS.value),
+        _KERNELS.value,
     )
     print(f"| stage | CPU ms per image ({threads} thread(s)) |\n| --- | --- |")
     for name, ms in rows:
@@ -336,6 +354,7 @@ def run_threads() -> None:
     me += [f"--photometric={_PHOTOMETRIC.value}", f"--recipe={_RECIPE.value}"]
     me += [f"--image_size={_IMAGE_SIZE.value or 224}", f"--batch={_BATCH.value or 64}"]
     me += [f"--limit={_LIMIT.value}", f"--intra_op_threads={_INTRA_OP.value}"]
+    me += [f"--kernels={_KERNELS.value}"]
     rates = {n: [] for n in counts}
     for r in range(_ROUNDS.value):
         for n in counts:  # alternating, so that a change of load hits every count alike
@@ -659,6 +678,7 @@ def run_compare() -> None:
             f"--batch={_BATCH.value or 64}",
             f"--limit={_LIMIT.value}",
             f"--intra_op_threads={_INTRA_OP.value}",
+            f"--kernels={_KERNELS.value}",
         ]
         ref = [
             _TORCH_PYTHON.value,
