@@ -16,7 +16,10 @@ draws the per-image parameters of a batch (cheap scalars), then calls the layer'
   * batched: vectorised ops over a whole batch with per-image factors; what the train step runs
     on the accelerator (device mode) and what the in-memory sources use;
   * per image: one view at a time, colour in planar layout, banded-matmul resize and blur; what
-    tf.data runs on the CPU for image files, one example at a time (docs/PERFORMANCE.md).
+    tf.data runs on the CPU for image files, one example at a time (docs/PERFORMANCE.md). The
+    crop's resize and the colour jitter run as the C++ ops of `simsiam_tf.native` where they
+    are built (`kernels`, config `aug.kernels`): the same arithmetic in one or two passes over
+    a view instead of some 25.
 
 Every random number is drawn per image, per view, from stateless ops keyed by an explicit seed
 (seed, epoch, batch or example, view, layer), so
