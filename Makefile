@@ -19,10 +19,11 @@ $(STAMP): $(REQUIREMENTS) requirements-common.txt requirements-serving.txt pypro
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-# The pipeline's C++ kernels (simsiam_tf/native.py), about 25 s of g++. Without a compiler the
-# install goes on and the pipeline runs on stock TensorFlow ops (aug.kernels="auto").
-$(KERNELS_STAMP): simsiam_tf/kernels/augment_ops.cc $(STAMP)
-	$(PY) -m simsiam_tf.native --force || echo "warning: native kernels not built; the pipeline runs on stock TensorFlow ops"
+# The C++ kernels (simsiam_tf/native.py): the pipeline's crop and colour jitter, and BatchNorm's
+# training step; about 25 s of g++. Without a compiler the install goes on and both run on stock
+# TensorFlow ops (aug.kernels="auto", model.bn_kernels="auto").
+$(KERNELS_STAMP): simsiam_tf/kernels/augment_ops.cc simsiam_tf/kernels/batchnorm_ops.cc $(STAMP)
+	$(PY) -m simsiam_tf.native --force || echo "warning: native kernels not built; the pipeline and BatchNorm run on stock TensorFlow ops"
 	touch $@
 
 .PHONY: kernels

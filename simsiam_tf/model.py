@@ -20,7 +20,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from simsiam_tf import backbones, losses
+from simsiam_tf import backbones, losses, native
 
 # The built-in backbones; `model.backbone` also takes keras.applications.NAME and
 # keras_cv.models.NAME (`backbone_error` says whether a name can be built).
@@ -106,18 +106,33 @@ class BatchNorm(keras.layers.BatchNormalization):
     the fastest step (a ResNet-18 CIFAR step 10% faster than with "float32"), at the kernel's
     digits: where the mean is large against the spread, dgamma is about 13x further from
     float64 than with "float32" sums, though closer than Keras' own BN (tests/test_model.py).
+
+    `kernels` picks what computes a float64-sum step of a float32, channels-last layer not
+    synchronised over replicas: "auto" (the default) the native kernels
+    (kernels/batchnorm_ops.cc, built by `make install`) where they are built and no GPU is
+    visible, else stock TensorFlow ops; "native" requires them; "tf" never uses them. Under
+    XLA (`train.jit_compile`) the stock ops run whatever is set, XLA takes no custom op. The
+    native step adds in double from the first value and normalises in double (one pass over x
+    for the statistics, one for the output, two for the gradient, against about fifteen
+    passes of stock ops), so it is at least as close to float64 as the stock step and about
+    as fast as the fused kernel (docs/PERFORMANCE.md); the two agree to float32 rounding
+    (tests/test_native.py). Its row blocks are fixed by the channel count, so its bits do not
+    depend on the number of threads.
     """
 
     SUM_DTYPES = ("auto", "float32", "float64", "fused")
 
-    def __init__(self, *args, sum_dtype: str = "auto", **kwargs):
+    def __init__(self, *args, sum_dtype: str = "auto", kernels: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if sum_dtype not in self.SUM_DTYPES:
             raise ValueError(f"sum_dtype={sum_dtype!r}: choose one of {self.SUM_DTYPES}")
+        if kernels not in native.KERNELS:
+            raise ValueError(f"kernels={kernels!r}: choose one of {native.KERNELS}")
         self.sum_dtype = sum_dtype
+        self.kernels = kernels
 
     def get_config(self):
-        return {**super().get_config(), "sum_dtype": self.sum_dtype}
+        return {**super().get_config(), "sum_dtype": self.sum_dtype, "kernels": self.kernels}
 
     def accumulation_dtype(self):
         """The dtype the batch sums of a training step add in (see `sum_dtype`)."""
@@ -146,6 +161,11 @@ class BatchNorm(keras.layers.BatchNormalization):
             outputs, mean, unbiased = _fused_normalize(x, gamma, beta, self.epsilon)
             self._update_moving(mean, unbiased, x.dtype)
             return tf.cast(outputs, self.compute_dtype)
+        ops = self._native_ops() if ctx is None else None
+        if ops is not None and _native_takes(x, self.axis, self.accumulation_dtype()):
+            outputs, mean, unbiased = _native_normalize(ops, x, gamma, beta, self.epsilon)
+            self._update_moving(mean, unbiased, x.dtype)
+            return tf.cast(outputs, self.compute_dtype)
         outputs, mean, variance, count = _normalize(
             x,
             gamma,
@@ -159,6 +179,16 @@ class BatchNorm(keras.layers.BatchNormalization):
         self._update_moving(mean, unbiased, x.dtype)
         return tf.cast(outputs, self.compute_dtype)
 
+    def _native_ops(self):
+        """The native BN kernels (kernels/batchnorm_ops.cc), or None for stock ops: "native"
+        always (an error where not built), "auto" where built and no GPU is visible (the
+        kernels are the CPU's; on a GPU the stock ops run there), "tf" never."""
+        if self.kernels == "tf" or _in_xla():  # XLA compiles stock ops only
+            return None
+        if self.kernels == "auto" and tf.config.list_logical_devices("GPU"):
+            return None
+        return native.ops(self.kernels, setting="model.bn_kernels")
+
     def _update_moving(self, mean, unbiased, dtype):
         momentum = tf.convert_to_tensor(self.momentum, dtype)  # not via float32
         for moving, batch in ((self.moving_mean, mean), (self.moving_variance, unbiased)):
@@ -169,14 +199,65 @@ class BatchNorm(keras.layers.BatchNormalization):
 
 
 def set_bn_sum_dtype(model: keras.Model, sum_dtype: str) -> int:
-    """Sets `sum_dtype` ("auto", "float32", "float64") on every `BatchNorm` of `model` (nested
-    models too) before it is traced; returns how many. Other BN layers are left alone."""
-    if sum_dtype not in BatchNorm.SUM_DTYPES:
-        raise ValueError(f"sum_dtype={sum_dtype!r}: choose one of {BatchNorm.SUM_DTYPES}")
+    """Sets `sum_dtype` ("auto", "float32", "float64", "fused") on every `BatchNorm` of `model`
+    (nested models too) before it is traced; returns how many. Other BN layers are left alone."""
+    return _set_on_batchnorms(model, "sum_dtype", sum_dtype, BatchNorm.SUM_DTYPES)
+
+
+def set_bn_kernels(model: keras.Model, kernels: str) -> int:
+    """Sets `kernels` ("auto", "native", "tf") on every `BatchNorm` of `model` (nested models
+    too) before it is traced; returns how many. Other BN layers are left alone."""
+    return _set_on_batchnorms(model, "kernels", kernels, native.KERNELS)
+
+
+def _set_on_batchnorms(model, name, value, choices) -> int:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {choices}")
     layers = [x for x in model._flatten_layers(include_self=True) if isinstance(x, BatchNorm)]
     for layer in layers:
-        layer.sum_dtype = sum_dtype
+        setattr(layer, name, value)
     return len(layers)
+
+
+def _in_xla() -> bool:
+    """Whether the graph being traced is compiled by XLA (`train.jit_compile`), which takes no
+    custom ops."""
+    from tensorflow.python.ops import control_flow_util  # no public equivalent
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _native_takes(x, axis, sum_dtype) -> bool:
+    """Whether the native BN step computes this call: float32 x, channels last, float64 sums."""
+    return x.dtype == tf.float32 and axis in (-1, len(x.shape) - 1) and sum_dtype == tf.float64
+
+
+def _native_normalize(ops, x, gamma, beta, epsilon):
+    """`_normalize` for a `_native_takes` x by the native kernels: (outputs, batch mean,
+    unbiased batch variance), the last two without gradient. The sums and the normalisation
+    run in double, one pass over x for the statistics and one for the output; the gradient is
+    torch's, two passes over x and dy."""
+    channels = x.shape[-1]
+    gamma = tf.ones((channels,), x.dtype) if gamma is None else tf.reshape(gamma, (channels,))
+    beta = tf.zeros((channels,), x.dtype) if beta is None else tf.reshape(beta, (channels,))
+
+    @tf.custom_gradient
+    def forward(x, gamma, beta):
+        outputs, mean, variance, inv = ops.simsiam_batch_norm_train(x, gamma, beta, epsilon=epsilon)
+
+        def grad(d_outputs, *unused):
+            return ops.simsiam_batch_norm_grad(d_outputs, x, mean, inv, gamma)
+
+        return (outputs, mean, variance), grad
+
+    outputs, mean, variance = forward(x, gamma, beta)
+    count = tf.cast(tf.size(x) // channels, tf.float64)
+    unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+    return (
+        outputs,
+        tf.stop_gradient(tf.cast(mean, x.dtype)),
+        tf.stop_gradient(tf.cast(unbiased, x.dtype)),
+    )
 
 
 def _batch_sum(x, axes, dtype=None):
@@ -765,6 +846,7 @@ def build_simsiam(model_config, augmenter=None) -> SimSiam:
     )
     for part in (backbone, projector, predictor):
         set_bn_sum_dtype(part, c.get("bn_sums", "auto"))
+        set_bn_kernels(part, c.get("bn_kernels", "auto"))
     model = SimSiam(
         backbone,
         projector,

@@ -29,7 +29,10 @@ from absl import logging
 
 from simsiam_tf.errors import ConfigError
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "augment_ops.cc")
+_KERNELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+SOURCE = os.path.join(_KERNELS_DIR, "augment_ops.cc")
+# One library: the pipeline's kernels and BatchNorm's training step (model.BatchNorm).
+SOURCES = (SOURCE, os.path.join(_KERNELS_DIR, "batchnorm_ops.cc"))
 KERNELS = ("auto", "native", "tf")
 BUILD_COMMAND = "python -m simsiam_tf.native"
 
@@ -54,7 +57,8 @@ def library_path() -> Optional[str]:
     """The built library for this TensorFlow, if one at least as new as its source exists."""
     for place in _places():
         path = os.path.join(place, _library_name())
-        if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(SOURCE):
+        newest = max(os.path.getmtime(source) for source in SOURCES)
+        if os.path.exists(path) and os.path.getmtime(path) >= newest:
             return path
     return None
 
@@ -80,7 +84,7 @@ def build_command(cxx: str, output: str) -> list:
         "-fno-trapping-math",
         "-Wno-deprecated-declarations",
         *tf.sysconfig.get_compile_flags(),
-        SOURCE,
+        *SOURCES,
         "-o",
         output,
         *tf.sysconfig.get_link_flags(),
@@ -115,7 +119,7 @@ def build(force: bool = False) -> str:
         proc = subprocess.run(build_command(cxx, partial), capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(partial)
-            raise NativeBuildError(f"building {SOURCE} failed:\n{proc.stderr[-4000:]}")
+            raise NativeBuildError(f"building {' '.join(SOURCES)} failed:\n{proc.stderr[-4000:]}")
         output = os.path.join(place, _library_name())
         os.replace(partial, output)
         logging.info("Built %s in %.1f s", output, time.monotonic() - start)
@@ -131,32 +135,39 @@ def _load(path: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_not_built():
+def _warn_not_built(setting: str):
+    what = {
+        "aug.kernels": "the pipeline runs the crop and colour jitter on stock TensorFlow ops "
+        "(about 1.5x the CPU time a pair",
+        "model.bn_kernels": "BatchNorm's training step runs on stock TensorFlow ops (about "
+        "2x its time, a sixth of a ResNet step",
+    }[setting]
     logging.warning(
-        "The native augmentation kernels are not built for this TensorFlow, so the pipeline "
-        "runs the crop and colour jitter on stock TensorFlow ops (about 1.5x the CPU time a "
-        "pair; docs/PERFORMANCE.md). Build them with `%s` (make install does).",
+        "The native kernels are not built for this TensorFlow, so %s; docs/PERFORMANCE.md). "
+        "Build them with `%s` (make install does).",
+        what,
         BUILD_COMMAND,
     )
 
 
-def ops(kernels: str = "auto"):
+def ops(kernels: str = "auto", setting: str = "aug.kernels"):
     """The loaded op library for `kernels` ("auto", "native", "tf"), or None for stock ops.
 
     "native" raises ConfigError when the library is not built; "auto" then warns once.
+    `setting` is the config key the choice came from, for the messages.
     """
     if kernels not in KERNELS:
-        raise ConfigError(f"aug.kernels={kernels!r}: choose one of {KERNELS}")
+        raise ConfigError(f"{setting}={kernels!r}: choose one of {KERNELS}")
     if kernels == "tf":
         return None
     path = library_path()
     if path is None:
         if kernels == "native":
             raise ConfigError(
-                f"aug.kernels='native' but the native kernels are not built for this "
-                f"TensorFlow: run `{BUILD_COMMAND}`, or set aug.kernels='auto' or 'tf'"
+                f"{setting}='native' but the native kernels are not built for this "
+                f"TensorFlow: run `{BUILD_COMMAND}`, or set {setting}='auto' or 'tf'"
             )
-        _warn_not_built()
+        _warn_not_built(setting)
         return None
     return _load(path)
 
