@@ -101,3 +101,22 @@ def test_fit_mode_times_the_same_batches_in_memory_and_through_the_pipeline(tmp_
     assert in_memory > 0 and pipeline > 0 and 0 <= wait < 1
     assert abs(wait - max(0.0, 1 - in_memory / pipeline)) < 0.01
     assert abs(float(fields["pairs_per_s"]) - 8 / pipeline) <= 0.01 * 8 / pipeline
+
+
+def test_bn_mode_times_each_way_at_each_stage_shape():
+    out = subprocess.run(
+        [sys.executable, TOOL, "bn", "--batch=4", "--rounds=1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    fields = dict(item.split("=", 1) for item in lines[-1].split())
+    assert fields["mode"] == "bn" and fields["batch"] == "4"
+    ways = [k for k in fields if k.endswith("_ms")]
+    assert {"float64_stock_ms", "float32_stock_ms", "fused_ms"} <= set(ways)
+    assert all(float(fields[k]) > 0 for k in ways)
+    shapes = [line.split()[0] for line in lines if line.split()[0].startswith("4x")]
+    assert shapes == ["4x32x32x64", "4x16x16x128", "4x8x8x256", "4x4x4x512"]

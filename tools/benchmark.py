@@ -18,6 +18,9 @@
     # the kNN bank: build and search times and peak RSS, on synthetic L2-normalised features
     python tools/benchmark.py knn --bank_size=1281167 --dim=2048 --queries=1024 \
         [--bank_dtype=float16] [--chunk_rows=16384]
+    # ms of one BatchNorm training step (forward and backward) at each ResNet-18 CIFAR stage's
+    # shape, for each way to compute it: stock ops with float64 or float32 sums, fused, native
+    python tools/benchmark.py bn [--batch=128] [--rounds=3] [--threads=0]
     # the project against the PyTorch reference scripts, alternating runs (A, B, A, B, ...)
     python tools/benchmark.py compare --what=pipeline --folder=DIR --threads=1 --rounds=3
     python tools/benchmark.py compare --what=step --batch=128 --rounds=3
@@ -52,7 +55,7 @@ import cli  # noqa: E402,F401  (before TensorFlow: a quiet start-up)
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("pipeline", "stages", "threads", "step", "fit", "startup", "knn", "compare")
+MODES = ("pipeline", "stages", "threads", "step", "fit", "startup", "knn", "bn", "compare")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
     "imagenet": os.path.join(REPO, "configs", "imagenet_resnet50.py"),
@@ -739,6 +742,70 @@ def run_compare() -> None:
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# bn: model.BatchNorm's training step alone, each way to compute it
+
+_BN_WAYS = {  # name: (sum_dtype, kernels)
+    "float64 stock": ("float64", "tf"),
+    "float32 stock": ("float32", "tf"),
+    "fused": ("fused", "tf"),
+    "float64 native": ("float64", "native"),
+}
+
+
+def run_bn() -> None:
+    """ms per BatchNorm step (forward, backward and the moving statistics) at the four stage
+    shapes of ResNet-18 CIFAR (one view of --batch), best of --rounds x 10 calls, the ways
+    alternating; the native way where its kernels are built."""
+    import numpy as np
+    import tensorflow as tf
+
+    from simsiam_tf import model, native
+
+    _limit_threads(_THREADS.value)
+    batch = _BATCH.value or 128
+    ways = dict(_BN_WAYS)
+    if native.library_path() is None:
+        print("native kernels not built (make kernels): the native way is left out")
+        del ways["float64 native"]
+    rng = np.random.default_rng(0)
+    totals = dict.fromkeys(ways, 0.0)
+    for size, channels in ((32, 64), (16, 128), (8, 256), (4, 512)):
+        shape = (batch, size, size, channels)
+        x = tf.constant(rng.normal(1.0, 0.5, shape).astype(np.float32))
+        dy = tf.constant(rng.normal(0.0, 1.0, shape).astype(np.float32))
+        steps = {}
+        for name, (sum_dtype, kernels) in ways.items():
+            bn = model.BatchNorm(momentum=0.9, epsilon=1e-5, sum_dtype=sum_dtype, kernels=kernels)
+            bn.build(shape)
+
+            @tf.function
+            def step(x, dy, bn=bn):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = bn(x, training=True)
+                return tape.gradient(y, [x, bn.gamma, bn.beta], output_gradients=dy)
+
+            step(x, dy)  # traced and warm
+            steps[name] = step
+        best = dict.fromkeys(ways, float("inf"))
+        for _ in range(max(1, _ROUNDS.value)):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                for _ in range(10):
+                    out = step(x, dy)
+                out[0].numpy()
+                best[name] = min(best[name], (time.perf_counter() - start) / 10 * 1e3)
+        print(
+            f"{'x'.join(map(str, shape)):>16} "
+            + "  ".join(f"{k} {v:.2f} ms" for k, v in best.items())
+        )
+        for name in ways:
+            totals[name] += best[name]
+    print(f"load_avg={os.getloadavg()[0]:.2f}")
+    _report(mode="bn", batch=batch, **{k.replace(" ", "_") + "_ms": v for k, v in totals.items()})
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"usage: benchmark.py {{{'|'.join(MODES)}}} [--flags]")
@@ -750,6 +817,7 @@ def main(argv):
         fit=run_fit,
         startup=run_startup,
         knn=run_knn,
+        bn=run_bn,
         compare=run_compare,
     )
     modes[argv[1]]()
