@@ -55,9 +55,9 @@ def _places() -> list:
 
 def library_path() -> Optional[str]:
     """The built library for this TensorFlow, if one at least as new as its source exists."""
+    newest = max(os.path.getmtime(source) for source in SOURCES)
     for place in _places():
         path = os.path.join(place, _library_name())
-        newest = max(os.path.getmtime(source) for source in SOURCES)
         if os.path.exists(path) and os.path.getmtime(path) >= newest:
             return path
     return None
@@ -140,7 +140,7 @@ def _warn_not_built(setting: str):
         "aug.kernels": "the pipeline runs the crop and colour jitter on stock TensorFlow ops "
         "(about 1.5x the CPU time a pair",
         "model.bn_kernels": "BatchNorm's training step runs on stock TensorFlow ops (about "
-        "2x its time, a sixth of a ResNet step",
+        "4.5x its time",
     }[setting]
     logging.warning(
         "The native kernels are not built for this TensorFlow, so %s; docs/PERFORMANCE.md). "
