@@ -104,6 +104,13 @@ _OFFICIAL = flags.DEFINE_string(
     "main_simsiam.py's adjust_learning_rate, instead of tools/parity/official.py's transcription.",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the views.")
+_BN_KERNELS = flags.DEFINE_enum(
+    "bn_kernels",
+    None,
+    ["auto", "native", "tf"],
+    "simsiam_tf's BatchNorm step (model.bn_kernels; default: the config's). The native step "
+    "takes float32 layers only, so it changes the float32 cases alone.",
+)
 _TORCH_PYTHON = flags.DEFINE_string(
     "torch_python",
     "",
@@ -249,6 +256,8 @@ def build(case: dict, steps_per_epoch: int, epochs: int, seed: int):
     c.optim.fix_pred_lr = case["fix_pred_lr"]
     c.optim.batch_size = case["batch"]
     c.data.image_size = case["size"]
+    if _BN_KERNELS.value:
+        c.model.bn_kernels = _BN_KERNELS.value
     if case["replicas"] > 1:
         devices = [d.name for d in tf.config.list_logical_devices("CPU")][: case["replicas"]]
         strategy = tf.distribute.MirroredStrategy(devices)
