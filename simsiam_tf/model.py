@@ -113,8 +113,8 @@ class BatchNorm(keras.layers.BatchNormalization):
     is visible, else stock ops; "native" requires them. The default stays "tf" because with
     the native kernels one of `make parity`'s float32 cases (resnet18_builder) ended its ten
     chaotic steps 1.0-1.3x beyond the bound of 10x the official float32's error (at seed 0; at
-seeds 1 and 2 the stock step fails it by the same ratios: ReLU inputs rounding to the other
-side of 0, tools/relu_ties.py, docs/FIDELITY.md). Under
+    seeds 1 and 2 the stock step fails it by the same ratios: ReLU inputs rounding to the other
+    side of 0, tools/relu_ties.py, docs/FIDELITY.md). Under
     XLA (`train.jit_compile`) the stock ops run whatever is set, XLA takes no custom op. The
     native step adds in double from the first value and normalises in double (one pass over x
     for the statistics, one for the output, two for the gradient, against about fifteen

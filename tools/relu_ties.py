@@ -25,9 +25,8 @@ from __future__ import annotations
 import cli  # noqa: F401  (first: a quiet TensorFlow start-up)
 
 import numpy as np
-from absl import flags
-
 import parity  # its images, and its --seed, --batch and --bn_kernels
+from absl import flags
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet18_cifar", "A built-in backbone.")
 _SIZE = flags.DEFINE_integer("size", 32, "Image side in pixels.")
@@ -53,12 +52,12 @@ def relu_inputs_and_gradients(net, images, r, dtype):
     import tensorflow as tf
 
     relus = [layer for layer in net.layers if isinstance(layer, keras.layers.ReLU)]
-    probe = keras.Model(net.input, [layer.input for layer in relus])
-    x = tf.constant(images, dtype)
-    inputs = [t.numpy().astype(np.float64) for t in probe(x, training=True)]
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(net(x, training=True) * tf.constant(r, dtype))
+    probe = keras.Model(net.input, [layer.input for layer in relus] + [net.output])
+    with tf.GradientTape() as tape:  # one forward pass gives the ReLU inputs and the features
+        *inputs, features = probe(tf.constant(images, dtype), training=True)
+        loss = tf.reduce_sum(features * tf.constant(r, dtype))
     grads = tape.gradient(loss, net.trainable_variables)
+    inputs = [t.numpy().astype(np.float64) for t in inputs]
     return relus, inputs, [g.numpy().astype(np.float64) for g in grads]
 
 
