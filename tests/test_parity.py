@@ -6,6 +6,7 @@ otherwise.
 """
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -76,3 +77,40 @@ def test_resnet18_cifar_float32_is_as_close_to_float64_as_the_official_float32(t
     errors = _parity(tmp_path, "--checks=resnet18_cifar", "--float64_checks=")
     assert max(errors[g] for g in ("feat", "z", "p", "loss")) <= 1e-5, errors
     assert errors["grad"] <= 1e-4, errors
+
+
+def test_ulp_nudge_moves_every_value_to_the_next_float_up_or_down():
+    """The floor's extra official runs see views moved by exactly one float32 ulp per value,
+    about half of them up, and uint8 views first become float32 / 255 as the worker feeds them."""
+    torch_python = _torch_python()
+    if torch_python is None:
+        pytest.skip("torch/torchvision not installed (make parity installs them)")
+    code = """
+import json, sys
+sys.path.insert(0, "tools/parity")
+import numpy as np
+import worker
+x = np.random.default_rng(1).uniform(0.0, 1.0, (3, 8, 8, 3)).astype(np.float32)
+u = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 3)).astype(np.uint8)
+y = worker.ulp_nudge(x, np.random.default_rng(0))
+v = worker.ulp_nudge(u, np.random.default_rng(0))
+w = u.astype(np.float32) / np.float32(255.0)
+print(json.dumps(dict(
+    dtypes=[str(y.dtype), str(v.dtype)],
+    one_ulp=bool(np.all(
+        (y == np.nextafter(x, np.float32(2))) | (y == np.nextafter(x, np.float32(-1))))),
+    up=float(np.mean(y > x)),
+    uint8_one_ulp=bool(np.all(
+        (v == np.nextafter(w, np.float32(2))) | (v == np.nextafter(w, np.float32(-1))))),
+    uint8_moved=float(np.mean(v != w)),
+)))
+"""
+    proc = subprocess.run(
+        [torch_python, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["dtypes"] == ["float32", "float32"], out
+    assert out["one_ulp"] and out["uint8_one_ulp"], out
+    assert 0.4 < out["up"] < 0.6, out  # 576 coin flips
+    assert out["uint8_moved"] == 1.0, out

@@ -11,7 +11,9 @@ RESULT.npz: with `probe`, the first step's backbone features, z, p, loss (`feat1
 and every gradient (`grad/<name>`), computed from the initial weights; then, after `steps`
 SGD steps, the state_dict (`final/<name>`) and the momentum buffers (`momentum/<name>`), and
 the per-step `losses` and `z_std`. With `floor`, the same steps once more in float64, under
-keys prefixed `f64`: how far the official code's own float32 run is from exact arithmetic.
+keys prefixed `f64`: how far the official code's own float32 run is from exact arithmetic;
+and, with meta["floor_runs"] = K > 1, K - 1 more float32 runs of the steps on views moved 1 ulp
+per pixel: `spread/<key>`, the largest error of any of them against the float64 run.
 """
 
 from __future__ import annotations
@@ -111,8 +113,48 @@ def main(request_path: str, result_path: str) -> None:
         )
         floor.update(train(reference, sources, views1, views2, torch.float64))
         out.update({f"f64{key}": value for key, value in floor.items()})
+        out.update(rounding_spread(sources, state, views1, views2, dtype, floor))
     out["official_builder"] = np.array(sources.uses_builder())
     np.savez(result_path, **out)
+
+
+def rounding_spread(sources, state, views1, views2, dtype, exact) -> dict:
+    """meta["floor_runs"] - 1 more runs of the official steps in `dtype`, each on views whose
+    every pixel is moved 1 ulp up or down at random (a rounding of the input, as float32 makes
+    anyway): `spread/<key>`, the largest relative error of any of these runs' results against
+    `exact`, the float64 run. After ten float32 steps, a ReLU input that lands on the other
+    side of 0 than in float64 sends every gradient below it ~1e-3 from float64 (tools/
+    relu_ties.py), and whether that happens in a given run is chance: one run's error is one
+    draw, these runs give the spread of the draws."""
+    out = {}
+    for k in range(1, sources.meta.get("floor_runs", 1)):
+        rng = np.random.default_rng(k)
+        model = sources.model(dtype)
+        model.load_state_dict(state, strict=True)
+        model.train()
+        run = train(model, sources, ulp_nudge(views1, rng), ulp_nudge(views2, rng), dtype)
+        for key, value in run.items():
+            if key == "z_std":
+                continue
+            err = rel_error(value, exact[key])
+            out[f"spread/{key}"] = np.maximum(out.get(f"spread/{key}", 0.0), err)
+    return out
+
+
+def ulp_nudge(views, rng: np.random.Generator) -> np.ndarray:
+    """`views` with every value moved to the next float of its type up or down, at random
+    (uint8 views first become to_input's float32 / 255)."""
+    views = np.asarray(views)
+    if views.dtype == np.uint8:
+        views = views.astype(np.float32) / np.float32(255.0)
+    towards = np.where(rng.random(views.shape) < 0.5, -np.inf, np.inf).astype(views.dtype)
+    return np.nextafter(views, towards)
+
+
+def rel_error(ours, theirs) -> float:
+    """||ours - theirs|| / ||theirs|| in float64 (0 when both are 0): tools/parity.py's."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    return float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-30))
 
 
 def probe(model, state, views1, views2, dtype) -> dict:
