@@ -42,8 +42,9 @@ official float64 result. After the steps, the floor is the largest error of --fl
 official float32 runs: the run on the views and runs on views moved 1 ulp per pixel at random.
 Ten float32 steps can tip a ReLU input to the other side of 0 than in float64, and that moves
 every gradient below it ~1e-3 (tools/relu_ties.py); whether it happens in one run is chance,
-so one official run's error is one draw of it, and the floor is the spread of several draws. The last line printed is `parity: ...` with every maximum; the exit
-status is 1 when a bound fails.
+so one official run's error is one draw of it, and the floor is the spread of several draws.
+The last line printed is `parity: ...` with every maximum; the exit status is 1 when a bound
+fails.
 
 With --trajectory_data, instead: --trajectory_steps steps of the CIFAR recipe on real photos,
 the view pairs drawn once by simsiam_tf's pipeline and written to --workdir, fed to both; the
