@@ -112,8 +112,8 @@ class BatchNorm(keras.layers.BatchNormalization):
     config's default, `model.bn_kernels`) the native kernels (kernels/batchnorm_ops.cc, built
     by `make install`) where they are built and no GPU is visible, else stock ops; "native"
     requires them. Both pass the float32 parity of resnet18_builder at seeds 0-3, its bounds
-    after ten steps taken over four official float32 runs because ReLU inputs rounding to the other side of 0 make
-    any single run a draw (tools/relu_ties.py, docs/FIDELITY.md). Under
+    after ten steps taken over four official float32 runs because ReLU inputs rounding to the
+    other side of 0 make any single run a draw (tools/relu_ties.py, docs/FIDELITY.md). Under
     XLA (`train.jit_compile`) the stock ops run whatever is set, XLA takes no custom op. The
     native step adds in double from the first value and normalises in double (one pass over x
     for the statistics, one for the output, two for the gradient, against about fifteen
