@@ -74,6 +74,7 @@ def test_knn_features_under_two_replicas_have_one_row_per_image(two_replicas):
     np.testing.assert_allclose(feats, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # 18 s, two processes: make test-slow
 def test_intra_op_threads_auto_is_one_beside_an_accelerator_and_the_default_without():
     """data.intra_op_threads: -1 gives 1 with a TPU (or GPUs) and leaves TensorFlow's default
     on the CPU alone; N is applied before the runtime starts; below -1 is a config error. In

@@ -119,6 +119,7 @@ def test_next_version_is_one_past_the_highest(tmp_path):
     assert export.versions(str(tmp_path)) == [1, 2, 7]
 
 
+@pytest.mark.slow  # 18 s, tool processes: make test-slow
 def test_export_tool_versions_and_refusal(run, tmp_path):
     base = str(tmp_path / "simsiam")
     cmd = [sys.executable, "tools/export.py", f"--workdir={run}", f"--export_dir={base}"]

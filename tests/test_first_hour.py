@@ -43,6 +43,7 @@ def test_read_only_workdir_is_one_line(tmp_path):
     )
 
 
+@pytest.mark.slow  # 25 s: two tool runs (make test-slow)
 def test_failed_first_attempt_does_not_bind_the_corrected_rerun(tmp_path):
     folder = tmp_path / "photos"
     write_images(str(folder), 6, size=(16, 16))

@@ -95,6 +95,7 @@ def test_two_workers_match_each_other_and_a_single_process(tmp_path):
     _assert_lockstep_and_equal_to_one_process(_run_workers(tmp_path, []))
 
 
+@pytest.mark.slow  # 29 s: two worker processes (make test-slow)
 def test_two_workers_on_a_folder_each_decode_half_of_every_batch(tmp_path):
     """An image folder: each worker reads and decodes only its 16 rows of every global batch of
     32 (3 steps: 48 images, against 96 for one process), and the run still equals one process's

@@ -98,6 +98,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_weights(tmp_path, 
         np.testing.assert_array_equal(got[name], ref, err_msg=name)
 
 
+@pytest.mark.slow  # 31 s, two training processes: make test-slow (SIGKILL stays)
 def test_sigterm_saves_and_stops_cleanly_then_resumes(tmp_path, reference_run):
     workdir = str(tmp_path / "preempted")
     code, err = _start_and_stop_at(workdir, 2, signal.SIGTERM)
@@ -132,6 +133,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
             assert np.isfinite(value).all(), name
 
 
+@pytest.mark.slow  # 48 s: two training processes (make test-slow)
 def test_after_a_non_finite_loss_a_fixed_rerun_resumes_from_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "diverged")
     _run(workdir, "--config.optim.epochs=1")  # a sane first epoch: ckpt-8

@@ -450,6 +450,7 @@ def test_base_path_serves_the_latest_version_and_version_1_by_path(
     assert result.returncode == 2 and "neither a SavedModel" in result.model["error"]
 
 
+@pytest.mark.slow  # 18 s, a tool process: make test-slow
 def test_the_check_tool(serving_check, saved_model, tmp_path):
     photo = tmp_path / "china.jpg"
     photo.write_bytes(eh.sample_photos()["china.jpg"])

@@ -280,6 +280,7 @@ def test_client_reports_a_refused_request(servers, photos, protocol):
     )
 
 
+@pytest.mark.slow  # 16 s, a tool process: make test-slow
 def test_client_tool_prints_embeddings(servers, enc, photos, tmp_path):
     paths = []
     for name, data in photos.items():

@@ -61,6 +61,7 @@ def test_train_then_resume(tmp_path):
     assert len(_history(workdir)) == 3
 
 
+@pytest.mark.slow  # 24 s: a training run through the tool on a folder (make test-slow)
 def test_train_on_an_image_folder(cifar10_folder, tmp_path):
     workdir = str(tmp_path / "folder_run")
     out = _train(
@@ -173,6 +174,7 @@ def test_cpu_devices_from_the_command_line_and_a_clean_redirected_log(tmp_path):
     assert len(epoch_lines) == 2, proc.stdout
 
 
+@pytest.mark.slow  # 33 s: three tool runs (make test-slow)
 def test_a_rerun_that_changes_the_run_is_refused_naming_each_key(tmp_path):
     workdir = tmp_path / "run"
     first = _tool(*TINY, f"--workdir={workdir}", "--config.optim.epochs=1")
@@ -217,6 +219,7 @@ def _wait_for(predicate, proc, what, timeout=240):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # 78 s, Ctrl-C then the rerun: make test-slow
 def test_one_run_per_workdir_and_ctrl_c_saves_then_the_rerun_resumes(tmp_path):
     workdir = tmp_path / "run"
     flags = [
